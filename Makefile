@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine:
+#   make sweep   creates .venv, installs f2d2-bench, runs the main job on the embedded default
+#   make test    creates .venv, installs f2d2-bench with its test extra, runs the default test suite
+# VENV may point elsewhere (CI keeps it outside the clone). VENV_FLAGS=--system-site-packages
+# lets the environment reuse a torch you already have instead of installing one.
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+PIP_FLAGS ?=
+STAMP := $(VENV)/.f2d2-bench-$(shell sha256sum pyproject.toml | cut -c1-16)
+BIN := $(VENV)/bin
+SWEEP_ARGS ?= --dataset checkerboard --nfe 1,2,4,8
+
+.PHONY: install sweep test test-slow bench bench-compare clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+sweep: $(STAMP)
+	$(BIN)/f2d2-bench sweep $(SWEEP_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+clean:
+	rm -rf .venv .pytest_cache .benchmarks

@@ -1,0 +1,62 @@
+"""Base flow-map methods on the f2d2 interface, and the registry of every named method.
+
+A new method is one file here plus one line in ``METHODS``. F2D2 variants are the base method's
+class with the F2D2 divergence terms switched on in its config, never a copy. They also train
+backward maps (``bidirectional``) by default, so that few-step likelihoods need no first-order
+backward approximation; ``bidirectional: false`` restores the paper's forward-only training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from baselines.flow_matching import FlowMatching
+from baselines.meanflow import MeanFlow, MeanFlowConfig
+from f2d2.divergence_loss import DivergenceLoss
+from f2d2.method import Method, MethodConfig
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its class, default config and a one-line summary."""
+
+    name: str
+    cls: type[Method]
+    config: MethodConfig
+    summary: str
+
+    def build(self, config: MethodConfig | None = None) -> Method:
+        return self.cls(config if config is not None else self.config)
+
+    @property
+    def base(self) -> str:
+        return self.name.removesuffix("-f2d2")
+
+
+def _specs(*specs: MethodSpec) -> dict[str, MethodSpec]:
+    return {spec.name: spec for spec in specs}
+
+
+_F2D2 = DivergenceLoss()
+
+METHODS: dict[str, MethodSpec] = _specs(
+    MethodSpec("flow-matching", FlowMatching, MethodConfig(), "teacher: conditional flow matching, Euler sampling"),
+    MethodSpec("meanflow", MeanFlow, MeanFlowConfig(), "MeanFlow: Eulerian identity via one JVP"),
+    MethodSpec(
+        "meanflow-f2d2",
+        MeanFlow,
+        MeanFlowConfig(divergence=_F2D2, bidirectional=True),
+        "MeanFlow + F2D2 divergence head (Eulerian mirror)",
+    ),
+)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registered method ``name``; the error lists the valid names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; valid: {', '.join(METHODS)}") from None
+
+
+__all__ = ["METHODS", "MethodSpec", "get_method"]

@@ -1,0 +1,135 @@
+"""Evaluation cells: all metrics of one trained method at every NFE, as tidy rows.
+
+A cell is cached as JSON under ``<out>/<dataset>/cells/`` keyed by the checkpoint hashes, the
+evaluation config and the NFE list, so an interrupted sweep recomputes only unfinished cells.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from bench.config import EvalConfig
+from bench.datasets import Dataset
+from bench.evaluate import Likelihood, draw_samples, few_step, mean_stderr, reference
+from bench.metrics import energy_distance_estimate, share_estimate
+from f2d2.model import FlowMap
+from f2d2.units import bits_per_dim
+
+INVALID_SIGMAS = 3.0  # an NLL this many standard errors below the true entropy is invalid
+
+
+@dataclass(frozen=True)
+class Row:
+    """One tidy result row (the public CSV interface; columns documented in README.md)."""
+
+    dataset: str
+    method: str
+    nfe: int
+    metric: str
+    value: float
+    stderr: float = math.nan
+    flag: str = ""
+    estimator: str = ""
+    num_points: int = 0
+    device: str = ""
+
+
+class Units:
+    """Nats for continuous data; bits/dim for discrete data with L levels (METHOD.md Sec. 4)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.levels, self.num_dims = dataset.levels, dataset.num_dims
+        self.name = "bpd" if dataset.levels else "nats"
+
+    def convert(self, nll_nats: Tensor) -> Tensor:
+        if self.levels is None:
+            return nll_nats
+        return bits_per_dim(nll_nats, self.num_dims, self.levels)
+
+    def scale(self) -> float:
+        """Multiplier from nats to this unit for differences (no offset)."""
+        return 1.0 if self.levels is None else 1.0 / (self.num_dims * math.log(2.0))
+
+
+@dataclass
+class CellContext:
+    """What every cell of a sweep shares: data, noise, the teacher's reference and the units."""
+
+    dataset: Dataset
+    x_test: Tensor
+    noise: Tensor
+    teacher_ref: Likelihood
+    cfg: EvalConfig
+    device: torch.device
+    device_label: str
+
+
+def nll_flag(mean: float, stderr: float, dataset: Dataset, units: Units) -> str:
+    """'invalid' below the true entropy (by > 3 standard errors) or a negative bpd; 'nonfinite' for NaN."""
+    if not math.isfinite(mean):
+        return "nonfinite"
+    entropy = dataset.entropy()
+    if entropy is not None:
+        se = math.sqrt((stderr if math.isfinite(stderr) else 0.0) ** 2 + entropy.stderr**2)
+        return "invalid" if mean < entropy.nats - INVALID_SIGMAS * se else ""
+    return "invalid" if units.name == "bpd" and mean < 0 else ""
+
+
+def evaluate_cell(name: str, model: FlowMap, ctx: CellContext, nfe: tuple[int, ...], own_ref: Likelihood | None = None) -> list[Row]:
+    """All rows for one method: references, few-step NLL, samples and timings at each NFE."""
+    units, ds, cfg = Units(ctx.dataset), ctx.dataset, ctx.cfg
+    n = len(ctx.x_test)
+    own = own_ref if own_ref is not None else reference(model, ctx.x_test, cfg, ctx.device)
+    rows: list[Row] = []
+
+    def add(k: int, metric: str, value: float, stderr: float = math.nan, flag: str = "", estimator: str = "", points: int = n) -> None:
+        rows.append(Row(ds.name, name, k, metric, value, stderr, flag, estimator, points, ctx.device_label))
+
+    def add_nll(k: int, metric: str, lik: Likelihood) -> None:
+        mean, se = mean_stderr(units.convert(lik.nll))
+        add(k, metric, mean, se, nll_flag(mean, se, ds, units), lik.estimator)
+
+    entropy = ds.entropy()
+    for k in nfe:
+        fast = few_step(model, ctx.x_test, k, cfg, ctx.device)
+        add_nll(k, f"nll_{units.name}", fast)
+        add_nll(k, f"nll_ref_{units.name}", own)
+        add_nll(k, f"nll_teacher_{units.name}", ctx.teacher_ref)
+        gap, gap_se = mean_stderr(fast.nll - own.nll)
+        add(k, f"nll_gap_{units.name}", gap * units.scale(), gap_se * units.scale(), estimator=fast.estimator)
+        if entropy is not None:
+            add(k, f"entropy_{units.name}", entropy.nats, entropy.stderr, estimator="exact" if entropy.stderr == 0 else "monte-carlo")
+        add(k, "ref_nfe", own.nfe, estimator=own.estimator)
+        add(k, "nll_wall_s", fast.wall_s, estimator=fast.estimator)
+        add(k, "ref_wall_s", own.wall_s, estimator=own.estimator)
+        add(k, "nll_speedup", own.wall_s / fast.wall_s, estimator=fast.estimator)
+        samples = draw_samples(model, ctx.noise, k, cfg, ctx.device)
+        add(k, "sample_wall_s", samples.wall_s, points=len(ctx.noise))
+        rows += sample_quality_rows(name, k, samples.x, ctx)
+    return rows
+
+
+def sample_quality_rows(name: str, k: int, x: Tensor, ctx: CellContext) -> list[Row]:
+    """Two-sample distance to held-out data and, where the support is known, the share inside it."""
+    ds = ctx.dataset
+    x = x.detach().cpu()
+    rows = []
+    est = energy_distance_estimate(x, ctx.x_test.cpu(), seed=ctx.cfg.seed)
+    rows.append(Row(ds.name, name, k, "energy_distance", est.value, est.stderr, "", "bootstrap", len(x), ctx.device_label))
+    inside = ds.in_support(x)
+    if inside is not None:
+        share = share_estimate(inside)
+        rows.append(Row(ds.name, name, k, "support_share", share.value, share.stderr, "", "binomial", len(x), ctx.device_label))
+    return rows
+
+
+def rows_to_json(rows: list[Row]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def rows_from_json(data: list[dict]) -> list[Row]:
+    return [Row(**{**d, "value": float(d["value"]), "stderr": float(d["stderr"])}) for d in data]

@@ -1,0 +1,169 @@
+"""Checkpoints that cannot run code: weights in safetensors, metadata in JSON beside them.
+
+Layout of a checkpoint directory::
+
+    checkpoint.safetensors   model/*, ema/* weights; optim/* Adam state; rng/generator
+    checkpoint.json          method, dataset, data shape, capabilities, kappa, sigma_0, configs,
+                             step, completeness, versions, git commit, sha256 of the weights file
+
+Loading never unpickles: it parses JSON, verifies the weights file against its recorded sha256
+(a truncated or swapped file is refused), rebuilds the network from the recorded configs and loads
+tensors by name with strict shape checks. Every failure is a :class:`CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.config import ModelConfig, from_dict
+from bench.env import git_commit, package_version
+from bench.io import write_json, write_with
+from f2d2.model import Capabilities, FlowMap
+
+FORMAT_VERSION = 1
+WEIGHTS, META = "checkpoint.safetensors", "checkpoint.json"
+REQUIRED = (
+    "format_version", "method", "dataset", "data_shape", "capabilities", "kappa", "sigma_0",
+    "model", "step", "complete", "sha256",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged or does not match what was asked for."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """Accept the directory or either of its two files."""
+    path = Path(path)
+    return path.parent if path.name in (WEIGHTS, META) else path
+
+
+def save_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write weights then metadata, each atomically; the metadata records the weights' sha256."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    flat = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    write_with(directory / WEIGHTS, lambda tmp: save_file(flat, str(tmp)))
+    meta = {
+        **meta,
+        "format_version": FORMAT_VERSION,
+        "sha256": sha256_file(directory / WEIGHTS),
+        "package_version": package_version(),
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(directory / META, meta)
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The validated metadata of a checkpoint (no weights read beyond the hash check)."""
+    directory = checkpoint_dir(path)
+    meta_path = directory / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path}: checkpoint metadata not found")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: expected a JSON object")
+    missing = [key for key in REQUIRED if key not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_path}: missing metadata field(s) {', '.join(missing)}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: format_version {meta['format_version']}, expected {FORMAT_VERSION}")
+    return meta
+
+
+def read_tensors(path: str | Path, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint, after checking the file against its recorded sha256."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = checkpoint_dir(path)
+    meta = read_meta(directory) if meta is None else meta
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: checkpoint weights not found")
+    if sha256_file(weights) != meta["sha256"]:
+        raise CheckpointError(f"{weights}: sha256 does not match {META} (truncated or replaced file)")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({err})") from None
+
+
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+
+
+def check_expected(meta: dict[str, Any], where: Path, **expected: Any) -> None:
+    for key, value in expected.items():
+        if value is not None and meta.get(key) != value:
+            raise CheckpointError(f"{where}: checkpoint is for {key} {meta.get(key)!r}, expected {value!r}")
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    ema: bool = True,
+    device: str | torch.device = "cpu",
+    method: str | None = None,
+    dataset: str | None = None,
+) -> FlowMap:
+    """Load a trained model for evaluation from Python, without the CLI.
+
+    Args:
+        path: checkpoint directory (or its .json / .safetensors file).
+        ema: load the EMA weights (what the harness evaluates) instead of the raw ones.
+        device: where to put the model.
+        method, dataset: if given, refuse a checkpoint of another method or dataset.
+
+    Returns:
+        A :class:`~f2d2.model.FlowMap` in eval mode: ``model.velocity(x, t)`` is the instantaneous
+        velocity, ``model.phi(x, t, s)`` the flow map, ``model(x, t, s).div`` the divergence head
+        (None without one), ``model.kappa`` / ``model.sigma_0`` its scales and ``model.meta`` the
+        checkpoint metadata (method, dataset, configs, training step, versions).
+
+    Example:
+        >>> model = load_checkpoint("results/checkpoints/checkerboard/meanflow-f2d2-1a2b3c4d5e6f")
+        >>> from f2d2 import few_step_log_prob
+        >>> log_p = few_step_log_prob(model, x, num_steps=1).log_p
+    """
+    from bench.models import build_model
+
+    directory = checkpoint_dir(path)
+    meta = read_meta(directory)
+    check_expected(meta, directory / META, method=method, dataset=dataset)
+    tensors = read_tensors(directory, meta)
+    try:
+        caps = Capabilities(**meta["capabilities"])
+        model_cfg = from_dict(ModelConfig, meta["model"], "model")
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{directory / META}: invalid model description ({err})") from None
+    model = build_model(
+        model_cfg, tuple(meta["data_shape"]), caps, kappa=meta["kappa"], sigma_0=meta["sigma_0"], meta=meta
+    )
+    state = prefixed(tensors, "ema/" if ema else "model/")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise CheckpointError(f"{directory / WEIGHTS}: weights do not fit the recorded model ({first[0]} ...)") from None
+    return model.to(device).eval()

@@ -1,0 +1,179 @@
+"""The ``f2d2-bench`` command line.
+
+Errors a user can cause (bad options, unknown names, missing files, bad checkpoints or configs)
+print one line on stderr and exit with status 2, without a traceback and before writing anything.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Benchmark few-step flow models with fast likelihoods (F2D2).",
+)
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An error to report as one line, without a traceback."""
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def _user_errors():
+    from bench.checkpoint import CheckpointError
+    from bench.config import ConfigError
+    from bench.datasets import DataError
+
+    return (UserError, ConfigError, CheckpointError, DataError, PermissionError, FileNotFoundError)
+
+
+def _parse_methods(text: str) -> tuple[str, ...]:
+    from baselines import METHODS
+
+    if text.strip() == "all":
+        return tuple(METHODS)
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise UserError(f"unknown method {', '.join(unknown) or repr(text)}; valid: {', '.join(METHODS)} (or 'all')")
+    if len(set(names)) != len(names):
+        raise UserError(f"--methods has duplicates: {text}")
+    return names
+
+
+def _resolve_config(
+    dataset: Optional[str], profile: str, config: Optional[Path], nfe: Optional[str], methods: Optional[str]
+):
+    """Profile defaults for the dataset, then the YAML file, then the command-line options."""
+    from dataclasses import replace
+
+    from bench.config import apply_sweep_yaml, parse_nfe, read_sweep_yaml
+    from bench.datasets import dataset_class
+    from bench.profiles import default_config
+
+    data = {}
+    if config is not None:
+        if not config.is_file():
+            raise UserError(f"sweep config {config} not found")
+        data = read_sweep_yaml(str(config))
+        if dataset is not None and data.get("dataset", dataset) != dataset:
+            raise UserError(f"--dataset {dataset} contradicts dataset {data['dataset']!r} in {config}")
+    name = dataset or data.get("dataset") or "checkerboard"
+    dataset_class(str(name))
+    cfg = default_config(str(name), profile)
+    if data:
+        cfg = apply_sweep_yaml(str(config), data, cfg)
+    if nfe is not None:
+        cfg = replace(cfg, nfe=parse_nfe(nfe))
+    if methods is not None:
+        cfg = replace(cfg, methods=_parse_methods(methods))
+    for name in [*cfg.methods, *cfg.method_options, *cfg.train_overrides]:
+        _parse_methods(name)
+    return cfg
+
+
+@app.command()
+def sweep(
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset name (see `f2d2-bench datasets`); default checkerboard.")] = None,
+    nfe: Annotated[Optional[str], typer.Option(help="Comma-separated numbers of function evaluations, e.g. 1,2,4,8.")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names, or 'all'.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML sweep file (keys of SweepConfig) applied on top of the profile.")] = None,
+    profile: Annotated[str, typer.Option(help="Budget profile: default, or ci (tiny, for regression tracking).")] = "default",
+    out: Annotated[Path, typer.Option(help="Results root; outputs go to OUT/DATASET/.")] = Path("results"),
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint cache (default OUT/checkpoints).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Where file-backed datasets live.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    jobs: Annotated[int, typer.Option(help="Parallel training processes on CPU (0: one per core, at most 2).")] = 0,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """Train what is missing, evaluate every method at every NFE, write results.csv and results.md."""
+    try:
+        cfg = _resolve_config(dataset, profile, config, nfe, methods)
+        from bench.env import resolve_device
+        from bench.sweep import check_writable, run_sweep
+
+        dev = resolve_device(device)
+        check_writable(out)
+        num_jobs = jobs if jobs > 0 else max(1, min(2, os.cpu_count() or 1))
+        reporter = _reporter(quiet)
+        with reporter:
+            outcome = run_sweep(
+                cfg, out, cache_dir=cache_dir, data_dir=str(data_dir) if data_dir else None,
+                device=dev, jobs=num_jobs, reporter=reporter,
+            )
+    except _user_errors() as err:
+        _fail(str(err))
+    except ValueError as err:  # e.g. an unavailable device
+        _fail(str(err))
+    if not quiet:
+        typer.echo((outcome.out_dir / "results.md").read_text())
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.stage_s.items())
+        typer.echo(f"wrote {outcome.out_dir}/results.csv and results.md ({stages})")
+
+
+def _reporter(quiet: bool):
+    from bench.progress import RichReporter, SilentReporter
+
+    return SilentReporter() if quiet else RichReporter()
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the registered methods and their capabilities."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from baselines import METHODS
+
+    table = Table("method", "flow map", "div head", "backward", "teacher", "summary")
+    for name, spec in METHODS.items():
+        method = spec.build()
+        caps = method.capabilities
+        yes = lambda b: "yes" if b else "-"  # noqa: E731
+        table.add_row(name, yes(caps.flow_map), yes(caps.divergence_head), yes(caps.backward), yes(method.needs_teacher), spec.summary)
+    Console().print(table)
+
+
+@app.command("datasets")
+def list_datasets() -> None:
+    """List the registered datasets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from bench.datasets import DATASETS
+
+    table = Table("dataset", "shape", "levels", "sigma_0", "kappa", "true entropy")
+    for name, cls in DATASETS.items():
+        entropy = "-" if getattr(cls, "needs_files", False) else _entropy_text(cls())
+        table.add_row(name, str(cls.data_shape), str(cls.levels or "-"), str(cls.sigma_0), str(cls.kappa), entropy)
+    Console().print(table)
+
+
+def _entropy_text(dataset) -> str:
+    h = dataset.entropy()
+    return "-" if h is None else f"{h.nats:.4f} nats" + (f" ± {h.stderr:.4f}" if h.stderr else "")
+
+
+def main() -> None:
+    import warnings
+
+    # torch's forward-mode AD registers its decompositions with torch.jit.script on first use
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

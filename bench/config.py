@@ -1,0 +1,298 @@
+"""Configuration: frozen dataclasses, strict parsing from YAML/dicts, and stable hashing.
+
+Every run writes its resolved config beside its results; checkpoints are cached under a hash of the
+parts of the config that determine the trained weights (:func:`stable_hash`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from f2d2.divergence import Exact, Hutchinson, estimator_spec, parse_estimator
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network architecture. 'mlp' for 2D data; 'unet' for images (see bench/images.py).
+
+    Attributes:
+        hidden, depth: MLP width and number of hidden layers.
+        x_frequencies, x_scale: Fourier features sin/cos(2^k pi x / x_scale) of the input, k < x_frequencies.
+        t_frequencies: Fourier features sin/cos(2^k pi t) of t and of s - t, k < t_frequencies.
+        channels, channel_mult, num_res_blocks, div_pool: UNet options (images only).
+    """
+
+    arch: str = "mlp"
+    hidden: int = 128
+    depth: int = 4
+    x_frequencies: int = 4
+    x_scale: float = 8.0
+    t_frequencies: int = 4
+    channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    div_pool: str = "mlp"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: Adam with warm-up + cosine decay, EMA, clipping, non-finite step limit."""
+
+    steps: int = 4000
+    batch_size: int = 2048
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    final_lr_ratio: float = 0.05
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_nonfinite: int = 20
+    log_every: int = 100
+    checkpoint_every: int = 1000
+
+    # Fields that do not change the trained weights, hence not part of a checkpoint's cache key.
+    BOOKKEEPING: typing.ClassVar[tuple[str, ...]] = ("log_every", "checkpoint_every")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "warmup_steps", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"need train.lr > 0 and 0 <= train.ema_decay < 1, got {self.lr}, {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation protocol (METHOD.md Sec. 4).
+
+    Attributes:
+        num_test: held-out points for likelihoods. num_samples: samples for sample quality.
+        reference_solver: 'dopri5' (adaptive) or 'euler:N' (the paper's protocol).
+        reference_estimator, naive_estimator: 'exact' or 'hutchinson:P'.
+        backward: 'auto' (trained backward maps if the method has them), 'first_order' or 'trained'.
+        num_repeats: wall-clock repeats (median reported). batch_size: evaluation chunk size.
+        use_ema: evaluate the EMA weights.
+    """
+
+    num_test: int = 2000
+    num_samples: int = 2000
+    reference_solver: str = "dopri5"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    reference_estimator: str = "exact"
+    naive_estimator: str = "exact"
+    backward: str = "auto"
+    num_repeats: int = 5
+    batch_size: int = 2000
+    seed: int = 0
+    use_ema: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_test", "num_samples", "num_repeats", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.backward not in ("auto", "first_order", "trained"):
+            raise ConfigError(f"eval.backward must be auto, first_order or trained, got {self.backward!r}")
+        for name in ("reference_estimator", "naive_estimator"):
+            try:
+                parse_estimator(getattr(self, name))
+            except ValueError as err:
+                raise ConfigError(f"eval.{name}: {err}") from None
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One sweep: a dataset, methods, NFEs, and how to train and evaluate them.
+
+    Attributes:
+        kappa, sigma_0: override the dataset's divergence and prior scales (None: dataset default).
+        teacher_train: training budget of the flow-matching teacher (the reference of every row).
+        method_options: method name -> overrides of its config (see ``f2d2-bench methods``).
+        train_overrides: method name -> overrides of ``train`` for that method.
+    """
+
+    dataset: str = "checkerboard"
+    methods: tuple[str, ...] = ("flow-matching", "meanflow", "meanflow-f2d2")
+    nfe: tuple[int, ...] = (1, 2, 4, 8)
+    kappa: float | None = None
+    sigma_0: float | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher_train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method_options: dict[str, dict] = field(default_factory=dict)
+    train_overrides: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_nfe(self.nfe)
+        if not self.methods:
+            raise ConfigError("methods must name at least one method")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods has duplicates: {list(self.methods)}")
+
+    def train_for(self, method: str) -> TrainConfig:
+        return merge(self.train, self.train_overrides.get(method, {}), f"train_overrides.{method}")
+
+
+def validate_nfe(nfe: tuple[int, ...]) -> None:
+    if not nfe:
+        raise ConfigError("nfe must list at least one number of steps")
+    if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in nfe):
+        raise ConfigError(f"nfe values must be integers >= 1, got {list(nfe)}")
+    if len(set(nfe)) != len(nfe):
+        raise ConfigError(f"nfe has duplicated values: {list(nfe)}")
+
+
+def parse_nfe(text: str) -> tuple[int, ...]:
+    """'1,2,4,8' -> (1, 2, 4, 8); anything else is a :class:`ConfigError` naming the bad item."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or any(not item for item in items):
+        raise ConfigError(f"--nfe must be a comma-separated list of integers >= 1, got {text!r}")
+    values = []
+    for item in items:
+        if not item.lstrip("-").isdigit():
+            raise ConfigError(f"--nfe value {item!r} is not an integer")
+        values.append(int(item))
+    nfe = tuple(values)
+    validate_nfe(nfe)
+    return nfe
+
+
+# Parsing --------------------------------------------------------------------------------------
+
+
+def _is_estimator(tp: Any) -> bool:
+    return tp in (Exact | Hutchinson, typing.Union[Exact, Hutchinson])
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Check and convert one value to the annotated type ``tp``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_estimator(tp):
+        if isinstance(value, (Exact, Hutchinson)):
+            return value
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected an estimator spec string, got {value!r}")
+        try:
+            return parse_estimator(value)
+        except ValueError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, path)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _convert(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int or tp is bool or tp is str:
+        if type(value) is not tp:
+            raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, path: str = "", base: Any = None) -> Any:
+    """Build dataclass ``cls`` from a dict, strictly: unknown keys and wrong types name the key.
+
+    Missing keys take their value from ``base`` (an instance of ``cls``) or the class default.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"unknown key {where!r}; valid keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        current = getattr(base, key) if base is not None else None
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            kwargs[key] = from_dict(type(current), value, where, current)
+        else:
+            kwargs[key] = _convert(hints[key], value, where)
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path or cls.__name__}: {err}") from None
+
+
+def merge(base: Any, overrides: dict, path: str = "") -> Any:
+    """``base`` (a dataclass instance) with ``overrides`` applied strictly and recursively."""
+    return from_dict(type(base), overrides, path, base) if overrides else base
+
+
+def to_dict(obj: Any) -> Any:
+    """JSON/YAML-ready form of a config (estimators as their spec strings)."""
+    if isinstance(obj, (Exact, Hutchinson)):
+        return estimator_spec(obj)
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    """Hex digest of the canonical JSON of ``to_dict(obj)``: equal configs give equal keys."""
+    text = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def read_sweep_yaml(path: str) -> dict:
+    """The mapping in a YAML sweep file (validated against :class:`SweepConfig` by :func:`apply_sweep_yaml`)."""
+    import yaml
+
+    with open(path) as handle:
+        try:
+            data = yaml.safe_load(handle)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a sweep file must be a mapping of SweepConfig keys")
+    return data
+
+
+def apply_sweep_yaml(path: str, data: dict, base: SweepConfig) -> SweepConfig:
+    """``base`` with the YAML mapping applied; unknown keys and wrong types name the key."""
+    try:
+        return merge(base, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

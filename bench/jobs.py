@@ -1,0 +1,163 @@
+"""Train-or-load: checkpoints cached under a hash of everything that determines the weights.
+
+A job is one method to train for one sweep. Its directory is
+``<cache>/<dataset>/<method>-<key>/``; a complete checkpoint there is reused, a partial one
+(written every ``train.checkpoint_every`` steps) is resumed bit for bit, nothing else is trusted.
+Jobs are plain dataclasses so that independent ones can train in parallel worker processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from baselines import get_method
+from bench.checkpoint import CheckpointError, load_checkpoint, prefixed, read_meta, read_tensors, save_checkpoint
+from bench.config import ModelConfig, TrainConfig, stable_hash, to_dict
+from bench.datasets import get_dataset
+from bench.models import build_model
+from bench.train import TrainState, init_state, train
+from f2d2.method import MethodConfig
+
+CACHE_VERSION = 1  # bump when a code change makes old checkpoints unusable
+
+Progress = Callable[[str, int, int, dict], None]  # (job name, step, total steps, running log)
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything needed to train one method, picklable for worker processes."""
+
+    method: str
+    method_config: MethodConfig
+    model: ModelConfig
+    train: TrainConfig
+    dataset: str
+    data_dir: str | None
+    kappa: float
+    sigma_0: float
+    teacher_dir: str | None
+    cache_root: str
+
+    def identity(self) -> dict:
+        """What determines the trained weights (bookkeeping fields excluded)."""
+        train = {k: v for k, v in to_dict(self.train).items() if k not in TrainConfig.BOOKKEEPING}
+        teacher = read_meta(self.teacher_dir)["cache_key"] if self.teacher_dir else None
+        return {
+            "version": CACHE_VERSION,
+            "dataset": self.dataset,
+            "method": self.method,
+            "method_config": to_dict(self.method_config),
+            "model": to_dict(self.model),
+            "train": train,
+            "kappa": self.kappa,
+            "sigma_0": self.sigma_0,
+            "teacher": teacher,
+        }
+
+    @property
+    def key(self) -> str:
+        return stable_hash(self.identity())
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.cache_root) / self.dataset / f"{self.method}-{self.key}"
+
+    def status(self) -> str:
+        """'complete', 'partial' (resumable) or 'missing'."""
+        try:
+            return "complete" if read_meta(self.directory)["complete"] else "partial"
+        except CheckpointError:
+            return "missing"
+
+
+def _state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
+    tensors = {f"model/{k}": v for k, v in state.model.state_dict().items()}
+    tensors |= {f"ema/{k}": v for k, v in state.ema.state_dict().items()}
+    opt = state.optimizer.state_dict()
+    for idx, slots in opt["state"].items():
+        tensors |= {f"optim/{idx}/{name}": torch.as_tensor(v) for name, v in slots.items()}
+    tensors["rng/generator"] = state.generator.get_state()
+    return tensors
+
+
+def _save(job: Job, state: TrainState, complete: bool) -> None:
+    caps = state.model.capabilities
+    meta = {
+        "method": job.method,
+        "dataset": job.dataset,
+        "data_shape": list(state.model.data_shape),
+        "capabilities": dataclasses.asdict(caps),
+        "kappa": job.kappa,
+        "sigma_0": job.sigma_0,
+        "model": to_dict(job.model),
+        "method_config": to_dict(job.method_config),
+        "train": to_dict(job.train),
+        "cache_key": job.key,
+        "identity": job.identity(),
+        "teacher_dir": job.teacher_dir,
+        "step": state.step,
+        "complete": complete,
+        "ema": True,
+        "num_skipped": state.num_skipped,
+        "train_wall_s": state.wall_s,
+        "optimizer_param_groups": state.optimizer.state_dict()["param_groups"],
+        "running": state.running,
+        "history": state.history,
+    }
+    save_checkpoint(job.directory, _state_tensors(state), meta)
+
+
+def _restore(job: Job, state: TrainState) -> None:
+    meta = read_meta(job.directory)
+    tensors = read_tensors(job.directory, meta)
+    state.model.load_state_dict(prefixed(tensors, "model/"))
+    state.ema.load_state_dict(prefixed(tensors, "ema/"))
+    slots: dict[int, dict] = {}
+    for name, value in prefixed(tensors, "optim/").items():
+        idx, slot = name.split("/")
+        slots.setdefault(int(idx), {})[slot] = value
+    state.optimizer.load_state_dict({"state": slots, "param_groups": meta["optimizer_param_groups"]})
+    state.generator.set_state(tensors["rng/generator"])
+    state.step, state.num_skipped = meta["step"], meta["num_skipped"]
+    state.history, state.running, state.wall_s = meta["history"], meta["running"], meta["train_wall_s"]
+
+
+def run_job(job: Job, device: str = "cpu", progress: Progress | None = None, threads: int | None = None) -> Path:
+    """Train ``job`` (resuming a partial checkpoint) unless a complete one exists; return its directory."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if job.status() == "complete":
+        return job.directory
+    spec = get_method(job.method)
+    method = spec.build(job.method_config)
+    dataset = get_dataset(job.dataset, job.data_dir)
+    teacher = load_checkpoint(job.teacher_dir, device=device).requires_grad_(False) if job.teacher_dir else None
+    torch.manual_seed(job.train.seed)  # parameter initialisation
+    model = build_model(
+        job.model, dataset.data_shape, method.capabilities, kappa=job.kappa, sigma_0=job.sigma_0
+    ).to(device)
+    state = init_state(model, job.train)
+    if job.status() == "partial":
+        _restore(job, state)
+    report = (lambda step, log: progress(job.method, step, job.train.steps, log)) if progress else None
+    train(state, method, dataset.train_batch, job.train, teacher=teacher, progress=report, on_checkpoint=lambda s: _save(job, s, False))
+    _save(job, state, True)
+    return job.directory
+
+
+def wait_for(futures: dict, drain: Callable[[], None], poll_s: float = 0.2) -> None:
+    """Block until every future is done, calling ``drain`` (progress updates) meanwhile."""
+    pending = set(futures)
+    while pending:
+        drain()
+        pending = {f for f in pending if not f.done()}
+        time.sleep(poll_s if pending else 0)
+    drain()
+    for future in futures:
+        future.result()  # re-raise a worker's exception here

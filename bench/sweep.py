@@ -1,0 +1,199 @@
+"""The main job: train what is missing, evaluate every method at every NFE, write the tables.
+
+Outputs under ``<out>/<dataset>/`` (each written atomically):
+``results.csv`` (tidy rows, the public interface), ``results.md`` (the wide table),
+``config.yaml`` (resolved config), ``env.json`` (versions, device, git commit, stage times),
+``training.json`` (loss curves and skipped steps per method) and ``cells/`` (resumable cells).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from baselines import get_method
+from bench.cells import CellContext, Row, evaluate_cell, rows_from_json, rows_to_json
+from bench.checkpoint import load_checkpoint, read_meta
+from bench.config import SweepConfig, merge, stable_hash, to_dict
+from bench.datasets import get_dataset
+from bench.env import device_name, environment
+from bench.evaluate import per_sample_noise, reference
+from bench.io import write_json, write_text
+from bench.jobs import Job, run_job, wait_for
+
+TEACHER = "flow-matching"
+
+class Reporter:
+    """Hooks for progress output; the CLI plugs rich in, tests use the silent default."""
+
+    def stage(self, text: str) -> None: ...
+
+    def train_progress(self, name: str, step: int, total: int, log: dict) -> None: ...
+
+    def drain(self) -> None: ...
+
+    def queue(self):  # a multiprocessing queue for worker progress, or None
+        return None
+
+@dataclass
+class SweepOutcome:
+    rows: list[Row]
+    out_dir: Path
+    stage_s: dict[str, float] = field(default_factory=dict)
+    trained: list[str] = field(default_factory=list)
+    reused_cells: list[str] = field(default_factory=list)
+
+def check_writable(path: Path) -> None:
+    """Fail early (before any training) if ``path`` cannot be created or written."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"output directory {path} is not writable")
+
+def plan_jobs(cfg: SweepConfig, dataset_name: str, data_dir: str | None, cache_dir: Path, kappa: float, sigma_0: float) -> tuple[Job, list[Job]]:
+    """The teacher job and one job per other method (distill variants point at the teacher)."""
+
+    def job(name: str, teacher_dir: str | None) -> Job:
+        spec = get_method(name)
+        method_cfg = merge(spec.config, cfg.method_options.get(name, {}), f"method_options.{name}")
+        train_cfg = cfg.teacher_train if name == TEACHER else cfg.train_for(name)
+        needs_teacher = spec.build(method_cfg).needs_teacher
+        return Job(
+            name, method_cfg, cfg.model, train_cfg, dataset_name, data_dir, kappa, sigma_0,
+            teacher_dir if needs_teacher else None, str(cache_dir),
+        )
+
+    teacher = job(TEACHER, None)
+    return teacher, [job(name, str(teacher.directory)) for name in cfg.methods if name != TEACHER]
+
+def train_all(teacher: Job, others: list[Job], device: torch.device, jobs: int, reporter: Reporter) -> list[str]:
+    """Train missing checkpoints: the teacher first, then the rest (in parallel if ``jobs`` > 1)."""
+    todo = [j for j in [teacher, *others] if j.status() != "complete"]
+    if teacher in todo:
+        run_job(teacher, str(device), reporter.train_progress)
+    rest = [j for j in todo if j is not teacher]
+    if jobs <= 1 or len(rest) <= 1 or device.type != "cpu":
+        for j in rest:
+            run_job(j, str(device), reporter.train_progress)
+        return [j.method for j in todo]
+    threads = max(1, torch.get_num_threads() // jobs)
+    queue = reporter.queue()
+    forward = _QueueProgress(queue) if queue is not None else None
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(run_job, j, "cpu", forward, threads): j for j in rest}
+        wait_for(futures, reporter.drain)
+    return [j.method for j in todo]
+
+class _QueueProgress:
+    """Picklable progress callback that forwards (name, step, total, log) through a queue."""
+
+    REPORT_EVERY = 50
+
+    def __init__(self, queue) -> None:
+        self.queue = queue
+
+    def __call__(self, name: str, step: int, total: int, log: dict) -> None:
+        if step % self.REPORT_EVERY == 0 or step == total:
+            self.queue.put((name, step, total, {"loss": log.get("loss", float("nan"))}))
+
+def run_sweep(
+    cfg: SweepConfig,
+    out_root: Path,
+    *,
+    cache_dir: Path | None = None,
+    data_dir: str | None = None,
+    device: torch.device = torch.device("cpu"),
+    jobs: int = 1,
+    reporter: Reporter | None = None,
+) -> SweepOutcome:
+    """Run a sweep end to end and write its outputs; returns the rows and where they went."""
+    reporter = reporter or Reporter()
+    dataset = get_dataset(cfg.dataset, data_dir)
+    out_dir = out_root / dataset.name
+    check_writable(out_root)
+    cache_dir = cache_dir or out_root / "checkpoints"
+    kappa = cfg.kappa if cfg.kappa is not None else dataset.kappa
+    sigma_0 = cfg.sigma_0 if cfg.sigma_0 is not None else dataset.sigma_0
+    outcome = SweepOutcome([], out_dir)
+
+    start = time.perf_counter()
+    teacher_job, others = plan_jobs(cfg, dataset.name, data_dir, cache_dir, kappa, sigma_0)
+    reporter.stage(f"training ({dataset.name}): {', '.join(j.method + ' [' + j.status() + ']' for j in [teacher_job, *others])}")
+    outcome.trained = train_all(teacher_job, others, device, jobs, reporter)
+    outcome.stage_s["train"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    ctx = _context(cfg, dataset, teacher_job, device)
+    cells_dir = out_dir / "cells"
+    for name in cfg.methods:
+        job = teacher_job if name == TEACHER else next(j for j in others if j.method == name)
+        key = _cell_key(cfg, job, teacher_job)
+        path = cells_dir / f"{name}.json"
+        cached = _read_cell(path, key)
+        if cached is not None:
+            outcome.rows += cached
+            outcome.reused_cells.append(name)
+            continue
+        reporter.stage(f"evaluating {name} at NFE {', '.join(map(str, cfg.nfe))}")
+        model = load_checkpoint(job.directory, ema=cfg.eval.use_ema, device=device)
+        rows = evaluate_cell(name, model, ctx, cfg.nfe, ctx.teacher_ref if name == TEACHER else None)
+        write_json(path, {"key": key, "rows": rows_to_json(rows)})
+        outcome.rows += rows
+    outcome.stage_s["evaluate"] = time.perf_counter() - start
+    write_outputs(cfg, outcome, [teacher_job, *others], device)
+    return outcome
+
+def _context(cfg: SweepConfig, dataset, teacher_job: Job, device: torch.device) -> CellContext:
+    x_test = dataset.test_set(cfg.eval.num_test).to(device)
+    noise = per_sample_noise(cfg.eval.num_samples, dataset.data_shape, cfg.eval.seed, device)
+    teacher = load_checkpoint(teacher_job.directory, ema=cfg.eval.use_ema, device=device)
+    teacher_ref = reference(teacher, x_test, cfg.eval, device)
+    return CellContext(dataset, x_test, noise, teacher_ref, cfg.eval, device, device_name(device))
+
+def _cell_key(cfg: SweepConfig, job: Job, teacher_job: Job) -> str:
+    return stable_hash({
+        "checkpoint": read_meta(job.directory)["sha256"],
+        "teacher": read_meta(teacher_job.directory)["sha256"],
+        "eval": to_dict(cfg.eval),
+        "nfe": list(cfg.nfe),
+    })
+
+def _read_cell(path: Path, key: str) -> list[Row] | None:
+    try:
+        data = json.loads(path.read_text())
+        return rows_from_json(data["rows"]) if data.get("key") == key else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+def write_outputs(cfg: SweepConfig, outcome: SweepOutcome, jobs: list[Job], device: torch.device) -> None:
+    """results.csv, results.md, config.yaml, env.json and training.json, each atomically."""
+    import yaml
+
+    from bench.tables import rows_frame, wide_markdown
+
+    out = outcome.out_dir
+    frame = rows_frame(outcome.rows)
+    write_text(out / "results.csv", frame.to_csv(index=False))
+    write_text(out / "results.md", wide_markdown(frame, title=f"f2d2-bench sweep: {cfg.dataset}"))
+    write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    env = environment(device) | {"stage_s": outcome.stage_s, "trained": outcome.trained, "reused_cells": outcome.reused_cells}
+    write_json(out / "env.json", env)
+    training = {}
+    for job in jobs:
+        meta = read_meta(job.directory)
+        training[job.method] = {
+            "checkpoint": str(job.directory),
+            "steps": meta["step"],
+            "num_skipped": meta["num_skipped"],
+            "train_wall_s": meta["train_wall_s"],
+            "history": meta["history"],
+        }
+    write_json(out / "training.json", training)

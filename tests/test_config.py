@@ -1,0 +1,89 @@
+"""Strict configuration parsing, NFE lists and stable cache keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.config import (
+    ConfigError,
+    EvalConfig,
+    SweepConfig,
+    TrainConfig,
+    apply_sweep_yaml,
+    merge,
+    parse_nfe,
+    read_sweep_yaml,
+    stable_hash,
+    to_dict,
+)
+from bench.profiles import default_config
+
+
+@pytest.mark.parametrize("text,expected", [("1,2,4,8", (1, 2, 4, 8)), (" 8 , 1 ", (8, 1)), ("3", (3,))])
+def test_parse_nfe(text, expected):
+    assert parse_nfe(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [("0", ">= 1"), ("-1", ">= 1"), ("abc", "not an integer"), ("", "comma-separated"), ("1,1", "duplicated"), ("1,,2", "comma")],
+)
+def test_parse_nfe_errors(text, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_nfe(text)
+
+
+def test_yaml_unknown_key_is_named(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("train:\n  stepz: 10\n")
+    with pytest.raises(ConfigError, match="unknown key 'train.stepz'"):
+        apply_sweep_yaml(str(path), read_sweep_yaml(str(path)), default_config("checkerboard"))
+
+
+def test_yaml_wrong_type_is_named(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("train:\n  steps: ten\n")
+    with pytest.raises(ConfigError, match="train.steps: expected int"):
+        apply_sweep_yaml(str(path), read_sweep_yaml(str(path)), default_config("checkerboard"))
+
+
+def test_yaml_overrides_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("nfe: [1, 3]\ntrain:\n  steps: 17\nmethod_options:\n  meanflow-f2d2:\n    divergence:\n      estimator: hutchinson:2\n")
+    base = default_config("checkerboard")
+    cfg = apply_sweep_yaml(str(path), read_sweep_yaml(str(path)), base)
+    assert cfg.nfe == (1, 3) and cfg.train.steps == 17
+    assert cfg.train.batch_size == base.train.batch_size
+    assert cfg.method_options["meanflow-f2d2"]["divergence"]["estimator"] == "hutchinson:2"
+
+
+def test_invalid_values_raise_config_errors():
+    with pytest.raises(ConfigError, match="train.steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ConfigError, match="eval.backward"):
+        EvalConfig(backward="sideways")
+    with pytest.raises(ConfigError, match="duplicates"):
+        SweepConfig(methods=("meanflow", "meanflow"))
+    with pytest.raises(ConfigError, match="expected a number"):
+        merge(TrainConfig(), {"lr": "fast"})
+
+
+def test_stable_hash_depends_on_values_only():
+    a, b = TrainConfig(steps=5), TrainConfig(steps=5)
+    assert stable_hash(a) == stable_hash(b)
+    assert stable_hash(a) != stable_hash(TrainConfig(steps=6))
+    assert to_dict(a)["steps"] == 5
+
+
+def test_method_config_parses_estimator_strings():
+    from baselines import METHODS
+    from f2d2.divergence import Hutchinson
+
+    spec = METHODS["meanflow-f2d2"]
+    cfg = merge(spec.config, {"divergence": {"estimator": "gaussian:3", "target": "teacher"}})
+    assert cfg.divergence.estimator == Hutchinson(3, "gaussian")
+    assert to_dict(cfg)["divergence"]["estimator"] == "gaussian:3"
+    with pytest.raises(ConfigError, match="divergence.estimator"):
+        merge(spec.config, {"divergence": {"estimator": "magic"}})
+    with pytest.raises(ConfigError, match="divergence"):
+        merge(spec.config, {"divergence": {"target": "oracle"}})

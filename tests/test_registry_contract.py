@@ -1,0 +1,106 @@
+"""One contract, generated from the method registry: every method obeys the same interface."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baselines import METHODS, get_method
+from bench.checkpoint import load_checkpoint
+from bench.config import ModelConfig, TrainConfig
+from bench.jobs import Job, _save
+from bench.models import build_model
+from bench.train import init_state
+from f2d2 import few_step_log_prob, naive_log_prob, sample
+
+SMALL = ModelConfig(hidden=16, depth=2, x_frequencies=2, t_frequencies=2)
+BATCH = 32
+
+
+def make(name: str):
+    method = get_method(name).build()
+    torch.manual_seed(0)
+    model = build_model(SMALL, (2,), method.capabilities, kappa=10.0, sigma_0=2.0)
+    teacher = None
+    if method.needs_teacher:
+        teacher = build_model(SMALL, (2,), get_method("flow-matching").build().capabilities, kappa=10.0, sigma_0=2.0)
+    return method, model, teacher
+
+
+def x1() -> torch.Tensor:
+    return torch.randn(BATCH, 2, generator=torch.Generator().manual_seed(0)) * 2
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_loss_shape_finite_and_gradients_reach_every_parameter(name):
+    method, model, teacher = make(name)
+    loss = method.loss(model, x1(), generator=torch.Generator().manual_seed(0), teacher=teacher)
+    assert loss.total.shape == (BATCH,)
+    assert torch.isfinite(loss.total).all()
+    loss.total.mean().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{name}: no gradient for {pname}"
+        assert torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, f"{name}: zero gradient for {pname}"
+    if teacher is not None:
+        assert all(p.grad is None for p in teacher.parameters()), "the teacher must stay frozen"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_capabilities_match_the_network(name):
+    method, model, _ = make(name)
+    caps = method.capabilities
+    assert model.capabilities == caps
+    assert (model(x1(), 0.2, 0.7).div is not None) == caps.divergence_head
+    if caps.divergence_head:
+        assert model(x1(), 0.2, 0.7).div.shape == (BATCH,)
+        few_step_log_prob(model, x1(), 2)
+    else:
+        with pytest.raises(ValueError, match="divergence head"):
+            few_step_log_prob(model, x1(), 2)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_sampling_is_deterministic_given_noise_and_batch_independent(name):
+    _, model, _ = make(name)
+    noise = torch.randn(BATCH, 2, generator=torch.Generator().manual_seed(5))
+    for k in (1, 3):
+        a = sample(model, noise, k)
+        b = sample(model, noise, k)
+        torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)
+        half = sample(model, noise[: BATCH // 2], k)
+        torch.testing.assert_close(half.x, a.x[: BATCH // 2])
+        assert a.nfe == k
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_checkpoint_round_trip(name, tmp_path):
+    method, model, _ = make(name)
+    job = Job(name, method.config, SMALL, TrainConfig(steps=1), "checkerboard", None, 10.0, 2.0, None, str(tmp_path))
+    state = init_state(model, TrainConfig(steps=1))
+    with torch.no_grad():
+        for p in state.ema.parameters():
+            p.add_(0.01)  # make EMA and raw weights differ
+    _save(job, state, complete=True)
+    for ema, source in ((False, state.model), (True, state.ema)):
+        loaded = load_checkpoint(job.directory, ema=ema)
+        assert loaded.capabilities == method.capabilities
+        assert (loaded.kappa, loaded.sigma_0) == (10.0, 2.0)
+        assert loaded.meta["method"] == name
+        out_a, out_b = loaded(x1(), 0.3, 0.9), source(x1(), 0.3, 0.9)
+        torch.testing.assert_close(out_a.u, out_b.u, rtol=0, atol=0)
+        if out_b.div is not None:
+            torch.testing.assert_close(out_a.div, out_b.div, rtol=0, atol=0)
+    torch.testing.assert_close(naive_log_prob(load_checkpoint(job.directory), x1(), 2).log_p, naive_log_prob(state.ema, x1(), 2).log_p)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_methods_needing_a_teacher_refuse_to_run_without_one(name):
+    from dataclasses import replace
+
+    spec = get_method(name)
+    method = spec.build(replace(spec.config, velocity_target="teacher"))
+    assert method.needs_teacher
+    _, model, _ = make(name)
+    with pytest.raises(ValueError, match="teacher"):
+        method.loss(model, x1(), generator=torch.Generator().manual_seed(0))
