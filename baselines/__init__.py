@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from baselines.flow_matching import FlowMatching
+from baselines.lsd import LSD, LSDConfig
 from baselines.meanflow import MeanFlow, MeanFlowConfig
+from baselines.shortcut import Shortcut, ShortcutConfig
 from f2d2.divergence_loss import DivergenceLoss
 from f2d2.method import Method, MethodConfig
 
@@ -37,17 +39,36 @@ def _specs(*specs: MethodSpec) -> dict[str, MethodSpec]:
     return {spec.name: spec for spec in specs}
 
 
-_F2D2 = DivergenceLoss()
+_SELF = DivergenceLoss(target="self")
+_TEACHER = DivergenceLoss(target="teacher")
 
 METHODS: dict[str, MethodSpec] = _specs(
     MethodSpec("flow-matching", FlowMatching, MethodConfig(), "teacher: conditional flow matching, Euler sampling"),
+    MethodSpec("shortcut", Shortcut, ShortcutConfig(), "Shortcut: semigroup self-consistency from scratch"),
+    MethodSpec(
+        "shortcut-distill", Shortcut, ShortcutConfig(velocity_target="teacher"), "Shortcut with teacher velocity rows"
+    ),
     MethodSpec("meanflow", MeanFlow, MeanFlowConfig(), "MeanFlow: Eulerian identity via one JVP"),
+    MethodSpec("lsd", LSD, LSDConfig(), "LSD: Lagrangian self-distillation, both time orders"),
+    MethodSpec(
+        "shortcut-f2d2",
+        Shortcut,
+        ShortcutConfig(divergence=_SELF, bidirectional=True),
+        "Shortcut + F2D2 divergence head (semigroup mirror)",
+    ),
+    MethodSpec(
+        "shortcut-distill-f2d2",
+        Shortcut,
+        ShortcutConfig(velocity_target="teacher", divergence=_TEACHER, bidirectional=True),
+        "Shortcut-Distill + F2D2, divergence of the teacher",
+    ),
     MethodSpec(
         "meanflow-f2d2",
         MeanFlow,
-        MeanFlowConfig(divergence=_F2D2, bidirectional=True),
+        MeanFlowConfig(divergence=_SELF, bidirectional=True),
         "MeanFlow + F2D2 divergence head (Eulerian mirror)",
     ),
+    MethodSpec("lsd-f2d2", LSD, LSDConfig(divergence=_SELF), "LSD + F2D2 divergence head (Lagrangian mirror)"),
 )
 
 

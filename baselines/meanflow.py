@@ -117,6 +117,7 @@ class MeanFlow(Method):
             div_diag = self.divergence_target(model, x_t, t, teacher, generator)
             div = scalar_squared_error(primal[1], eulerian_target(div_diag, tangent[1], step))
             terms[DIV_DIAG], terms[DIV_OFFDIAG] = div * diag, div * (1 - diag)
-            weight = cfg.divergence.weight_diag * diag + cfg.divergence.weight_offdiag * (1 - diag)
+            weights = self.term_weights
+            weight = weights[DIV_DIAG] * diag + weights[DIV_OFFDIAG] * (1 - diag)
             total = total + weight * adaptive_weight(div, p, c)
         return Loss(total, terms)

@@ -168,10 +168,9 @@ def _entropy_text(dataset) -> str:
 
 
 def main() -> None:
-    import warnings
+    from bench.env import quiet_known_warnings
 
-    # torch's forward-mode AD registers its decompositions with torch.jit.script on first use
-    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    quiet_known_warnings()
     app()
 
 

@@ -12,6 +12,14 @@ import torch
 PACKAGES = ("torch", "torchvision", "torchdiffeq", "clean-fid", "numpy", "pandas", "f2d2-bench")
 
 
+def quiet_known_warnings() -> None:
+    """Silence torch's own deprecation notice, raised when forward-mode AD first registers its
+    decompositions with torch.jit.script; it says nothing about this project's code."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
+
 def git_commit(cwd: str | Path | None = None) -> str | None:
     """The checked-out commit (with '+dirty' for local changes), None outside a git clone."""
     cwd = Path(cwd) if cwd else Path(__file__).resolve().parent

@@ -46,7 +46,7 @@ class RichReporter(Reporter):
             self._manager.shutdown()
 
     def stage(self, text: str) -> None:
-        self.progress.console.print(f"[bold]{text}[/bold]")
+        self.progress.console.print(text, style="bold", markup=False, highlight=False)
 
     def train_progress(self, name: str, step: int, total: int, log: dict) -> None:
         if name not in self.tasks:

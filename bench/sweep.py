@@ -23,7 +23,7 @@ from bench.cells import CellContext, Row, evaluate_cell, rows_from_json, rows_to
 from bench.checkpoint import load_checkpoint, read_meta
 from bench.config import SweepConfig, merge, stable_hash, to_dict
 from bench.datasets import get_dataset
-from bench.env import device_name, environment
+from bench.env import device_name, environment, quiet_known_warnings
 from bench.evaluate import per_sample_noise, reference
 from bench.io import write_json, write_text
 from bench.jobs import Job, run_job, wait_for
@@ -87,7 +87,7 @@ def train_all(teacher: Job, others: list[Job], device: torch.device, jobs: int, 
     threads = max(1, torch.get_num_threads() // jobs)
     queue = reporter.queue()
     forward = _QueueProgress(queue) if queue is not None else None
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=quiet_known_warnings) as pool:
         futures = {pool.submit(run_job, j, "cpu", forward, threads): j for j in rest}
         wait_for(futures, reporter.drain)
     return [j.method for j in todo]

@@ -22,7 +22,9 @@ _DIAGONAL_EPS = 1e-6  # |s - t| below which the s -> t limit formulas are used
 
 
 class GaussianFlowMapNet(FlowMapNet):
-    """Exact (u, D) for Gaussian data; ``velocity_error`` / ``div_error`` add deliberate errors."""
+    """Exact (u, D) for Gaussian data, optionally with deliberate errors: u scaled by
+    (1 + velocity_error), and div_error * (1 + s - t) added to D (an error that is not a constant, so
+    that every flow-map condition, the semigroup one included, can see it)."""
 
     def __init__(
         self,
@@ -72,7 +74,7 @@ class GaussianFlowMapNet(FlowMapNet):
         div_diag = d * self.dsigma(t) / self.sigma(t)
         div = torch.where(diag, div_diag, div_off) / self.kappa
         u = u * (1 + self.velocity_error)
-        div = div + self.div_error
+        div = div + self.div_error * (1 + s - t)
         return FlowMapOutput(u, div)
 
 

@@ -87,6 +87,12 @@ class Method(abc.ABC):
         )
 
     @property
+    def term_weights(self) -> dict[str, float]:
+        """Weights of the F2D2 terms in the total (velocity terms weigh 1)."""
+        div = self.config.divergence
+        return {} if div is None else {DIV_DIAG: div.weight_diag, DIV_OFFDIAG: div.weight_offdiag}
+
+    @property
     def needs_teacher(self) -> bool:
         div = self.config.divergence
         return self.config.velocity_target == "teacher" or (div is not None and div.target == "teacher")
