@@ -8,7 +8,7 @@ backward approximation; ``bidirectional: false`` restores the paper's forward-on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from baselines.flow_matching import FlowMatching
 from baselines.lsd import LSD, LSDConfig
@@ -29,10 +29,6 @@ class MethodSpec:
 
     def build(self, config: MethodConfig | None = None) -> Method:
         return self.cls(config if config is not None else self.config)
-
-    @property
-    def base(self) -> str:
-        return self.name.removesuffix("-f2d2")
 
 
 def _specs(*specs: MethodSpec) -> dict[str, MethodSpec]:
@@ -72,12 +68,23 @@ METHODS: dict[str, MethodSpec] = _specs(
 )
 
 
+FORWARD_ONLY = "-fwd"
+
+
 def get_method(name: str) -> MethodSpec:
-    """The registered method ``name``; the error lists the valid names."""
-    try:
+    """The registered method ``name``; the error lists the valid names.
+
+    A flow-map method's name with the suffix ``-fwd`` is the same method trained forward only
+    (s > t, ``bidirectional: false``), the paper's setting, whose likelihoods then use the
+    first-order backward approximation; e.g. ``meanflow-f2d2-fwd``.
+    """
+    if name in METHODS:
         return METHODS[name]
-    except KeyError:
-        raise KeyError(f"unknown method {name!r}; valid: {', '.join(METHODS)}") from None
+    base = METHODS.get(name.removesuffix(FORWARD_ONLY)) if name.endswith(FORWARD_ONLY) else None
+    if base is not None and base.cls.trains_flow_map:
+        config = replace(base.config, bidirectional=False)
+        return MethodSpec(name, base.cls, config, f"{base.summary} (forward-only training)")
+    raise KeyError(f"unknown method {name!r}; valid: {', '.join(METHODS)} (flow-map methods also as NAME{FORWARD_ONLY})")
 
 
-__all__ = ["METHODS", "MethodSpec", "get_method"]
+__all__ = ["FORWARD_ONLY", "METHODS", "MethodSpec", "get_method"]

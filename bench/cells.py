@@ -97,6 +97,8 @@ def evaluate_cell(name: str, model: FlowMap, ctx: CellContext, nfe: tuple[int, .
     for k in nfe:
         fast = few_step(model, ctx.x_test, k, cfg, ctx.device)
         add_nll(k, f"nll_{units.name}", fast)
+        if fast.estimator == "f2d2-trained":  # the same model through the first-order approximation
+            add_nll(k, f"nll_first_order_{units.name}", few_step(model, ctx.x_test, k, cfg, ctx.device, "first_order"))
         add_nll(k, f"nll_ref_{units.name}", own)
         add_nll(k, f"nll_teacher_{units.name}", ctx.teacher_ref)
         gap, gap_se = mean_stderr(fast.nll - own.nll)

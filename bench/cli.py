@@ -41,14 +41,22 @@ def _user_errors():
 
 
 def _parse_methods(text: str) -> tuple[str, ...]:
-    from baselines import METHODS
+    from baselines import FORWARD_ONLY, METHODS, get_method
 
     if text.strip() == "all":
         return tuple(METHODS)
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in METHODS]
+    unknown = []
+    for name in names:
+        try:
+            get_method(name)
+        except KeyError:
+            unknown.append(name)
     if unknown or not names:
-        raise UserError(f"unknown method {', '.join(unknown) or repr(text)}; valid: {', '.join(METHODS)} (or 'all')")
+        raise UserError(
+            f"unknown method {', '.join(unknown) or repr(text)}; valid: {', '.join(METHODS)} "
+            f"(or 'all'; flow-map methods also as NAME{FORWARD_ONLY})"
+        )
     if len(set(names)) != len(names):
         raise UserError(f"--methods has duplicates: {text}")
     return names
@@ -128,6 +136,35 @@ def _reporter(quiet: bool):
     from bench.progress import RichReporter, SilentReporter
 
     return SilentReporter() if quiet else RichReporter()
+
+
+@app.command()
+def table(
+    results: Annotated[Path, typer.Argument(help="A results.csv, or the directory holding it.")],
+    layout: Annotated[str, typer.Option(help="paper, wide, backward or long.")] = "paper",
+    format: Annotated[str, typer.Option("--format", help="markdown, latex or csv.")] = "markdown",
+    output: Annotated[Optional[Path], typer.Option(help="Write here (atomically) instead of stdout.")] = None,
+) -> None:
+    """Render a results CSV in the paper's layout (or another), as Markdown, LaTeX or CSV."""
+    try:
+        from bench.tables import FORMATS, LAYOUTS, read_rows, render
+
+        if layout not in LAYOUTS:
+            raise UserError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+        if format not in FORMATS:
+            raise UserError(f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
+        path = results / "results.csv" if results.is_dir() else results
+        if not path.is_file():
+            raise UserError(f"results file {path} not found")
+        text = render(read_rows(str(path)), layout, format)
+        if output is not None:
+            from bench.io import write_text
+
+            write_text(output, text)
+        else:
+            typer.echo(text, nl=False)
+    except (*_user_errors(), ValueError) as err:
+        _fail(str(err))
 
 
 @app.command("methods")

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from bench.config import EvalConfig
 from f2d2.divergence import parse_estimator
-from f2d2.likelihood import LogProb, Solver, few_step_log_prob, naive_log_prob, reference_log_prob
+from f2d2.likelihood import LogProb, Solver, few_step_log_prob, naive_log_prob, reference_log_prob, resolve_backward
 from f2d2.model import FlowMap
 from f2d2.sampling import sample
 
@@ -90,11 +90,15 @@ def reference(model: FlowMap, x: Tensor, cfg: EvalConfig, device: torch.device, 
     return Likelihood(-result.log_p, None if result.stderr is None else result.stderr, result.nfe, wall, name)
 
 
-def few_step(model: FlowMap, x: Tensor, num_steps: int, cfg: EvalConfig, device: torch.device) -> Likelihood:
-    """F2D2 few-step NLL for models with a divergence head; the naive NLL otherwise."""
+def few_step(
+    model: FlowMap, x: Tensor, num_steps: int, cfg: EvalConfig, device: torch.device, backward: str | None = None
+) -> Likelihood:
+    """F2D2 few-step NLL for models with a divergence head (``backward`` overrides ``cfg.backward``);
+    the naive NLL otherwise."""
     if model.capabilities.divergence_head:
-        fn = lambda chunk: few_step_log_prob(model, chunk, num_steps, backward=cfg.backward)  # noqa: E731
-        name = "f2d2-" + ("trained" if cfg.backward == "trained" or (cfg.backward == "auto" and model.capabilities.backward) else "first_order")
+        mode = resolve_backward(model, backward or cfg.backward)
+        fn = lambda chunk: few_step_log_prob(model, chunk, num_steps, backward=mode)  # noqa: E731
+        name = f"f2d2-{mode}"
     else:
         estimator = parse_estimator(cfg.naive_estimator)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -1,9 +1,14 @@
-"""Tables from tidy rows: the CSV frame and the wide Markdown table of a sweep."""
+"""Tables from tidy result rows: wide (one row per method and NFE), paper (the paper's layout),
+backward (first-order backward approximation against trained backward maps) and long (the rows).
+
+Each layout renders as Markdown, LaTeX (booktabs) or CSV. Invalid values (flag 'invalid') are
+marked with a dagger in Markdown/CSV and greyed in LaTeX, as the paper greys them.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 
 import pandas as pd
 
@@ -11,6 +16,9 @@ from bench.cells import Row
 
 COLUMNS = [f.name for f in fields(Row)]
 INVALID_MARK = "†"
+LAYOUTS = ("wide", "paper", "backward", "long")
+FORMATS = ("markdown", "latex", "csv")
+QUALITY_METRICS = ("fid", "fd_digits", "fd_mnist", "energy_distance")  # first present wins (lower is better)
 
 # (metric stem, header, digits, takes the unit suffix _nats / _bpd)
 WIDE = [
@@ -22,6 +30,7 @@ WIDE = [
     ("energy_distance", "energy dist.", 4, False),
     ("support_share", "in support", 3, False),
     ("fd_digits", "FD-digits", 2, False),
+    ("fd_mnist", "FD-mnist", 2, False),
     ("fid", "FID", 2, False),
     ("sample_wall_s", "sample s", 4, False),
     ("nll_wall_s", "NLL s", 4, False),
@@ -34,25 +43,53 @@ def rows_frame(rows: list[Row]) -> pd.DataFrame:
 
 
 def read_rows(path: str) -> pd.DataFrame:
-    frame = pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
+    """A results CSV (the public interface); missing optional columns are filled."""
+    frame = pd.read_csv(path)
     missing = [c for c in ("dataset", "method", "nfe", "metric", "value", "stderr") if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: not a results CSV (missing columns {', '.join(missing)})")
-    frame["flag"] = frame.get("flag", "").fillna("") if "flag" in frame else ""
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = "" if column in ("flag", "estimator", "device") else math.nan
+    for column in ("flag", "estimator", "device"):
+        frame[column] = frame[column].fillna("").astype(str)
     return frame
-
-
-def fmt(value: float, stderr: float = math.nan, digits: int = 3, flag: str = "") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "nan" if flag == "nonfinite" else "-"
-    text = f"{value:.{digits}f}" if digits > 0 else f"{value:,.0f}"
-    if isinstance(stderr, float) and math.isfinite(stderr) and stderr > 0:
-        text += f" ± {stderr:.{digits}f}" if digits > 0 else ""
-    return text + (f" {INVALID_MARK}" if flag == "invalid" else "")
 
 
 def unit_of(frame: pd.DataFrame) -> str:
     return "bpd" if frame["metric"].str.endswith("_bpd").any() else "nats"
+
+
+@dataclass(frozen=True)
+class Cell:
+    value: float
+    stderr: float = math.nan
+    flag: str = ""
+    estimator: str = ""
+
+
+def lookup(frame: pd.DataFrame) -> dict[tuple[str, int, str], Cell]:
+    return {(r.method, int(r.nfe), r.metric): Cell(r.value, r.stderr, r.flag, r.estimator) for r in frame.itertuples()}
+
+
+def fmt(cell: Cell | None, digits: int = 3, stderr: bool = True) -> str:
+    if cell is None:
+        return "-"
+    if not math.isfinite(cell.value):
+        return "nan" if cell.flag == "nonfinite" or math.isnan(cell.value) else str(cell.value)
+    text = f"{cell.value:.{digits}f}" if digits > 0 else f"{cell.value:,.0f}"
+    if stderr and digits > 0 and math.isfinite(cell.stderr) and cell.stderr > 0:
+        text += f" ± {cell.stderr:.{digits}f}"
+    return text
+
+
+def markdown(headers: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def methods_of(frame: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(frame["method"]))
 
 
 def wide_markdown(frame: pd.DataFrame, title: str = "") -> str:
@@ -63,22 +100,17 @@ def wide_markdown(frame: pd.DataFrame, title: str = "") -> str:
         for stem, head, digits, suffixed in WIDE
     ]
     present = [c for c in columns if (frame["metric"] == c[0]).any()]
-    lines = []
-    if title:
-        lines += [f"## {title}", ""]
-    headers = ["method", "NFE"] + [head for _, head, _ in present]
-    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    index = {(r.method, int(r.nfe), r.metric): r for r in frame.itertuples()}
-    methods = list(dict.fromkeys(frame["method"]))
-    for method in methods:
+    cells = lookup(frame)
+    body = []
+    for method in methods_of(frame):
         for k in sorted({int(v) for v in frame.loc[frame["method"] == method, "nfe"]}):
-            cells = [method, str(k)]
+            row = [method, str(k)]
             for metric, _, digits in present:
-                row = index.get((method, k, metric))
-                cells.append(fmt(row.value, row.stderr, digits, row.flag) if row is not None else "-")
-            lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", legend(frame, unit)]
-    return "\n".join(lines) + "\n"
+                cell = cells.get((method, k, metric))
+                row.append(fmt(cell, digits) + (f" {INVALID_MARK}" if cell and cell.flag == "invalid" else ""))
+            body.append(row)
+    head = [f"## {title}", ""] if title else []
+    return "\n".join(head + [markdown(["method", "NFE"] + [h for _, h, _ in present], body), "", legend(frame, unit)]) + "\n"
 
 
 def legend(frame: pd.DataFrame, unit: str) -> str:
@@ -91,3 +123,167 @@ def legend(frame: pd.DataFrame, unit: str) -> str:
         f"teacher ref: the flow-matching teacher's. gap: NLL minus own ref (paired). "
         f"Times are medians of repeats on {', '.join(devices)}. Estimators: {'; '.join(estimators)}."
     )
+
+
+# The paper's layout -------------------------------------------------------------------------
+
+
+def quality_metric(frame: pd.DataFrame) -> str:
+    for metric in QUALITY_METRICS:
+        if (frame["metric"] == metric).any():
+            return metric
+    raise ValueError("no sample-quality metric in these results")
+
+
+def ranks(values: dict[str, Cell], likelihood: bool) -> dict[str, int]:
+    """1 for the lowest valid finite value of a column, 2 for the second. Invalid values are not
+    ranked, nor, for likelihoods, naive estimates (not a likelihood of any model)."""
+    valid = sorted(
+        (c.value, m)
+        for m, c in values.items()
+        if c.flag == "" and math.isfinite(c.value) and (not likelihood or c.estimator.startswith("f2d2"))
+    )
+    return {m: i + 1 for i, (_, m) in enumerate(valid[:2])}
+
+
+def paper_table(frame: pd.DataFrame, fmt_name: str = "markdown", nfe: tuple[int, ...] | None = None) -> str:
+    """Rows = methods; column pairs NLL / sample quality at each NFE (8, 4, 2, 1 as in the paper);
+    teacher reference in the caption; best bold, second underlined, invalid marked."""
+    unit, quality = unit_of(frame), quality_metric(frame)
+    nll_metric = f"nll_{unit}"
+    available = sorted({int(k) for k in frame.loc[frame["metric"] == nll_metric, "nfe"]}, reverse=True)
+    nfe = tuple(nfe) if nfe else tuple(available)
+    cells = lookup(frame)
+    methods = methods_of(frame)
+    columns = [(k, m) for k in nfe for m in (nll_metric, quality)]
+    rank = {
+        (k, m): ranks({name: cells[(name, k, m)] for name in methods if (name, k, m) in cells}, m == nll_metric)
+        for k, m in columns
+    }
+    caption = paper_caption(frame, unit, quality)
+    if fmt_name == "csv":
+        records = []
+        for name in methods:
+            record = {"method": name}
+            for k, m in columns:
+                cell = cells.get((name, k, m))
+                record[f"{m}@{k}"] = cell.value if cell else math.nan
+                record[f"{m}@{k}_flag"] = cell.flag if cell else ""
+            records.append(record)
+        return pd.DataFrame(records).to_csv(index=False)
+    digits = {nll_metric: 2 if unit == "bpd" else 3, quality: 2 if quality != "energy_distance" else 4}
+    body = []
+    for name in methods:
+        row = [name]
+        for k, m in columns:
+            row.append(decorate(cells.get((name, k, m)), digits[m], rank[(k, m)].get(name), fmt_name))
+        body.append(row)
+    qname = {"energy_distance": "ED", "fd_digits": "FD-digits", "fd_mnist": "FD-mnist", "fid": "FID"}[quality]
+    headers = ["method"] + [f"{'NLL' if m == nll_metric else qname} @{k}" for k, m in columns]
+    if fmt_name == "latex":
+        return latex_table(headers, body, caption)
+    return markdown(headers, body) + "\n\n" + caption + "\n"
+
+
+def decorate(cell: Cell | None, digits: int, rank: int | None, fmt_name: str) -> str:
+    text = fmt(cell, digits, stderr=False)
+    if cell is None:
+        return "-" if fmt_name != "latex" else "--"
+    if fmt_name == "latex":
+        text = text.replace("-", "$-$", 1) if text.startswith("-") else text
+        if cell.flag == "invalid":
+            return r"\textcolor{gray}{" + text + "}"
+        return {1: r"\textbf{" + text + "}", 2: r"\underline{" + text + "}"}.get(rank, text)
+    if cell.flag == "invalid":
+        return text + f" {INVALID_MARK}"
+    return {1: f"**{text}**", 2: f"<u>{text}</u>"}.get(rank, text)
+
+
+def paper_caption(frame: pd.DataFrame, unit: str, quality: str) -> str:
+    teacher = frame[frame["metric"] == f"nll_teacher_{unit}"]
+    dataset = ", ".join(sorted(set(frame["dataset"])))
+    parts = [f"{dataset}: NLL ({unit}) and {quality} at each number of steps; lower is better for both."]
+    if len(teacher):
+        row = teacher.iloc[0]
+        parts.append(f"Teacher reference NLL {row.value:.3f} ± {row.stderr:.3f} {unit} ({row.estimator}).")
+    entropy = frame[frame["metric"] == f"entropy_{unit}"]
+    if len(entropy):
+        parts.append(f"True entropy {entropy.iloc[0].value:.3f} {unit}.")
+    parts.append(
+        f"Best valid value bold, second underlined; invalid values ({INVALID_MARK}, grey in LaTeX) lie "
+        "below the true entropy by more than 3 standard errors or are negative bits/dim. Baselines "
+        "without a divergence head report the naive few-step likelihood, which is not ranked."
+    )
+    return " ".join(parts)
+
+
+def latex_table(headers: list[str], body: list[list[str]], caption: str) -> str:
+    escape = lambda s: s.replace("_", r"\_").replace("@", r"$@$")  # noqa: E731
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\caption{" + escape(caption).replace("±", r"$\pm$").replace(INVALID_MARK, r"$\dagger$") + "}",
+        r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}",
+        r"\toprule",
+        " & ".join(escape(h) for h in headers) + r" \\",
+        r"\midrule",
+    ]
+    lines += [" & ".join([escape(row[0])] + row[1:]) + r" \\" for row in body]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+# Backward integration study -----------------------------------------------------------------
+
+
+def backward_table(frame: pd.DataFrame, fmt_name: str = "markdown") -> str:
+    """Per F2D2 variant and NFE: the few-step NLL error against the own reference with trained
+    backward maps, with the first-order approximation on the same model, and (if the sweep had
+    NAME-fwd) with the first-order approximation on the forward-only model."""
+    unit = unit_of(frame)
+    cells = lookup(frame)
+    records = []
+    for name in methods_of(frame):
+        if name.endswith("-fwd") or not any(key[0] == name and key[2] == f"nll_first_order_{unit}" for key in cells):
+            continue
+        for k in sorted({key[1] for key in cells if key[0] == name}):
+            ref = cells[(name, k, f"nll_ref_{unit}")].value
+            record = {
+                "method": name,
+                "nfe": k,
+                "trained": cells[(name, k, f"nll_{unit}")].value - ref,
+                "first_order_same_model": cells[(name, k, f"nll_first_order_{unit}")].value - ref,
+            }
+            fwd = f"{name}-fwd"
+            if (fwd, k, f"nll_{unit}") in cells:
+                record["first_order_forward_only"] = cells[(fwd, k, f"nll_{unit}")].value - cells[(fwd, k, f"nll_ref_{unit}")].value
+            records.append(record)
+    table = pd.DataFrame(records)
+    if fmt_name == "csv":
+        return table.to_csv(index=False)
+    headers = list(table.columns)
+    body = [[str(v) if not isinstance(v, float) else f"{v:+.3f}" for v in row] for row in table.itertuples(index=False)]
+    caption = (
+        f"Few-step NLL minus the model's own exact-ODE reference NLL ({unit}): with trained backward maps, "
+        "with the first-order backward approximation on the same (bidirectionally trained) model, and on "
+        "the same method trained forward only (NAME-fwd)."
+    )
+    if fmt_name == "latex":
+        return latex_table(headers, body, caption)
+    return markdown(headers, body) + "\n\n" + caption + "\n"
+
+
+def render(frame: pd.DataFrame, layout: str, fmt_name: str) -> str:
+    """Dispatch on layout and format; both are validated by the caller's choices."""
+    if layout == "long":
+        if fmt_name == "csv":
+            return frame.to_csv(index=False)
+        body = [[str(v) for v in row] for row in frame[COLUMNS].itertuples(index=False)]
+        return markdown(COLUMNS, body) + "\n" if fmt_name == "markdown" else latex_table(COLUMNS, body, "All result rows.")
+    if layout == "paper":
+        return paper_table(frame, fmt_name)
+    if layout == "backward":
+        return backward_table(frame, fmt_name)
+    if fmt_name != "markdown":
+        raise ValueError("the wide layout renders as markdown only; use --layout long for csv/latex")
+    return wide_markdown(frame)
