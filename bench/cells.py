@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,6 +67,7 @@ class CellContext:
     cfg: EvalConfig
     device: torch.device
     device_label: str
+    quality: Any = None  # bench.fid.SampleQuality for images; None: energy distance (2D data)
 
 
 def nll_flag(mean: float, stderr: float, dataset: Dataset, units: Units) -> str:
@@ -116,9 +118,15 @@ def evaluate_cell(name: str, model: FlowMap, ctx: CellContext, nfe: tuple[int, .
 
 
 def sample_quality_rows(name: str, k: int, x: Tensor, ctx: CellContext) -> list[Row]:
-    """Two-sample distance to held-out data and, where the support is known, the share inside it."""
+    """Images: the dataset's Frechet distance (FID or FD-<classifier>). 2D data: a two-sample
+    distance to held-out data and, where the support is known, the share inside it."""
     ds = ctx.dataset
     x = x.detach().cpu()
+    if ctx.quality is not None:
+        return [
+            Row(ds.name, name, k, metric, value, stderr, "", estimator, len(x), ctx.device_label)
+            for metric, value, stderr, estimator in ctx.quality.metrics(x)
+        ]
     rows = []
     est = energy_distance_estimate(x, ctx.x_test.cpu(), seed=ctx.cfg.seed)
     rows.append(Row(ds.name, name, k, "energy_distance", est.value, est.stderr, "", "bootstrap", len(x), ctx.device_label))

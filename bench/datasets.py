@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 TEST_SEED = 20_251_202  # held-out points never overlap a training stream (different generator)
+VALIDATION_SEED = TEST_SEED + 2
 ENTROPY_SAMPLES = 1_000_000
 
 
@@ -48,6 +49,10 @@ class Dataset:
 
     def test_set(self, num: int) -> Tensor:
         return self.sample(num, torch.Generator().manual_seed(TEST_SEED))
+
+    def validation_set(self, num: int) -> Tensor:
+        """A fixed batch for model selection during training, disjoint from the test set's stream."""
+        return self.sample(num, torch.Generator().manual_seed(VALIDATION_SEED))
 
     def log_prob(self, x: Tensor) -> Tensor | None:
         return None
@@ -142,3 +147,9 @@ def get_dataset(name: str, data_dir: str | None = None) -> Dataset:
     """The dataset registered as ``name``; file-backed datasets read from ``data_dir``."""
     cls = dataset_class(name)
     return cls(data_dir) if getattr(cls, "needs_files", False) else cls()
+
+
+# Image datasets subclass Dataset, so they register after it is defined.
+from bench.images import DATASETS_IMAGES  # noqa: E402
+
+DATASETS.update(DATASETS_IMAGES)
