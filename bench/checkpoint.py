@@ -123,6 +123,7 @@ def load_checkpoint(
     path: str | Path,
     *,
     ema: bool = True,
+    best: bool = True,
     device: str | torch.device = "cpu",
     method: str | None = None,
     dataset: str | None = None,
@@ -132,6 +133,8 @@ def load_checkpoint(
     Args:
         path: checkpoint directory (or its .json / .safetensors file).
         ema: load the EMA weights (what the harness evaluates) instead of the raw ones.
+        best: if training selected weights by a validation criterion (``train.select``), load
+            those (``meta['best_step']``) instead of the last EMA weights.
         device: where to put the model.
         method, dataset: if given, refuse a checkpoint of another method or dataset.
 
@@ -160,7 +163,8 @@ def load_checkpoint(
     model = build_model(
         model_cfg, tuple(meta["data_shape"]), caps, kappa=meta["kappa"], sigma_0=meta["sigma_0"], meta=meta
     )
-    state = prefixed(tensors, "ema/" if ema else "model/")
+    selected = best and ema and meta.get("best_step") is not None
+    state = prefixed(tensors, "best/" if selected else ("ema/" if ema else "model/"))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

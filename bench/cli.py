@@ -36,16 +36,17 @@ def _user_errors():
     from bench.checkpoint import CheckpointError
     from bench.config import ConfigError
     from bench.datasets import DataError
+    from bench.fid import WeightsError
 
-    return (UserError, ConfigError, CheckpointError, DataError, PermissionError, FileNotFoundError)
+    return (UserError, ConfigError, CheckpointError, DataError, WeightsError, PermissionError, FileNotFoundError)
 
 
 def _parse_methods(text: str) -> tuple[str, ...]:
     from baselines import FORWARD_ONLY, METHODS, get_method
 
-    if text.strip() == "all":
-        return tuple(METHODS)
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    names: tuple[str, ...] = ()
+    for item in (n.strip() for n in text.split(",") if n.strip()):
+        names += tuple(METHODS) if item == "all" else (item,)
     unknown = []
     for name in names:
         try:
@@ -62,8 +63,26 @@ def _parse_methods(text: str) -> tuple[str, ...]:
     return names
 
 
+def _parse_checkpoints(items: list[str]) -> dict[str, str]:
+    """METHOD=PATH pairs from repeated --checkpoint options."""
+    pairs = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise UserError(f"--checkpoint expects METHOD=PATH, got {item!r}")
+        if name.strip() in pairs:
+            raise UserError(f"--checkpoint given twice for {name.strip()}")
+        pairs[name.strip()] = path.strip()
+    return pairs
+
+
 def _resolve_config(
-    dataset: Optional[str], profile: str, config: Optional[Path], nfe: Optional[str], methods: Optional[str]
+    dataset: Optional[str],
+    profile: str,
+    config: Optional[Path],
+    nfe: Optional[str],
+    methods: Optional[str],
+    checkpoints: Optional[list[str]] = None,
 ):
     """Profile defaults for the dataset, then the YAML file, then the command-line options."""
     from dataclasses import replace
@@ -88,7 +107,12 @@ def _resolve_config(
         cfg = replace(cfg, nfe=parse_nfe(nfe))
     if methods is not None:
         cfg = replace(cfg, methods=_parse_methods(methods))
-    for name in [*cfg.methods, *cfg.method_options, *cfg.train_overrides]:
+    if checkpoints:
+        given = _parse_checkpoints(checkpoints)
+        cfg = replace(cfg, checkpoints={**cfg.checkpoints, **given})
+        if methods is None:  # evaluate exactly what was provided
+            cfg = replace(cfg, methods=tuple(given))
+    for name in [*cfg.methods, *cfg.method_options, *cfg.train_overrides, *cfg.checkpoints]:
         _parse_methods(name)
     return cfg
 
@@ -97,19 +121,21 @@ def _resolve_config(
 def sweep(
     dataset: Annotated[Optional[str], typer.Option(help="Dataset name (see `f2d2-bench datasets`); default checkerboard.")] = None,
     nfe: Annotated[Optional[str], typer.Option(help="Comma-separated numbers of function evaluations, e.g. 1,2,4,8.")] = None,
-    methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names, or 'all'.")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names; 'all' stands for every registered one.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML sweep file (keys of SweepConfig) applied on top of the profile.")] = None,
     profile: Annotated[str, typer.Option(help="Budget profile: default, or ci (tiny, for regression tracking).")] = "default",
     out: Annotated[Path, typer.Option(help="Results root; outputs go to OUT/DATASET/.")] = Path("results"),
     cache_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint cache (default OUT/checkpoints).")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Where file-backed datasets live.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    inception_weights: Annotated[Optional[Path], typer.Option(help="clean-fid's inception-2015-12-05.pt (or its folder) for FID on RGB data; default ~/.cache/f2d2-bench/.")] = None,
+    checkpoint: Annotated[Optional[list[str]], typer.Option(help="METHOD=PATH: evaluate this trained checkpoint instead of training (repeatable).")] = None,
     jobs: Annotated[int, typer.Option(help="Parallel training processes on CPU (0: one per core, at most 2).")] = 0,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Train what is missing, evaluate every method at every NFE, write results.csv and results.md."""
     try:
-        cfg = _resolve_config(dataset, profile, config, nfe, methods)
+        cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint)
         from bench.env import resolve_device
         from bench.sweep import check_writable, run_sweep
 
@@ -121,6 +147,7 @@ def sweep(
             outcome = run_sweep(
                 cfg, out, cache_dir=cache_dir, data_dir=str(data_dir) if data_dir else None,
                 device=dev, jobs=num_jobs, reporter=reporter,
+                inception_weights=str(inception_weights) if inception_weights else None,
             )
     except _user_errors() as err:
         _fail(str(err))
@@ -165,6 +192,52 @@ def table(
             typer.echo(text, nl=False)
     except (*_user_errors(), ValueError) as err:
         _fail(str(err))
+
+
+@app.command()
+def check(
+    new: Annotated[Path, typer.Argument(help="New results.csv (or its directory).")],
+    baseline: Annotated[Path, typer.Option(help="Baseline results.csv (or its directory).")],
+    rules: Annotated[Optional[Path], typer.Option(help="YAML list of tolerance rules applied before the defaults.")] = None,
+    show: Annotated[str, typer.Option(help="'changes' (non-ok rows) or 'all'.")] = "changes",
+) -> None:
+    """Compare NEW with BASELINE metric by metric; exit 1 if anything regressed."""
+    try:
+        from bench.check import compare, failed, load_rules
+        from bench.tables import read_rows
+
+        frames = []
+        for path in (new, baseline):
+            path = path / "results.csv" if path.is_dir() else path
+            if not path.is_file():
+                raise UserError(f"results file {path} not found")
+            frames.append(read_rows(str(path)))
+        if rules is not None and not rules.is_file():
+            raise UserError(f"rules file {rules} not found")
+        report = compare(frames[0], frames[1], load_rules(str(rules) if rules else None))
+    except (*_user_errors(), ValueError) as err:
+        _fail(str(err))
+    _print_report(report if show == "all" else report[report["status"] != "ok"])
+    bad = failed(report)
+    counts = report["status"].value_counts().to_dict()
+    typer.echo(f"{len(report)} metrics compared: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    if len(bad):
+        typer.echo(f"REGRESSION: {len(bad)} metric(s) regressed", err=True)
+        raise typer.Exit(1)
+
+
+def _print_report(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not len(report):
+        return
+    table = Table("dataset", "method", "nfe", "metric", "baseline", "new", "delta", "tolerance", "status")
+    style = {"regressed": "red", "flagged": "red", "missing": "red", "info": "yellow", "new": "cyan"}
+    for r in report.itertuples(index=False):
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.old, r.new, r.delta, r.tol)]
+        table.add_row(str(r.dataset), str(r.method), str(r.nfe), str(r.metric), *cells, r.status, style=style.get(r.status))
+    Console(width=160).print(table)
 
 
 @app.command("methods")

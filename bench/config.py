@@ -46,7 +46,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: Adam with warm-up + cosine decay, EMA, clipping, non-finite step limit."""
+    """Optimisation: Adam with warm-up + cosine decay, EMA, clipping, non-finite step limit.
+
+    Validation ("when to stop"): every ``validate_every`` steps (0: never) the EMA model is scored on
+    a fixed validation batch of ``num_validation`` points; ``select`` keeps the weights that minimise
+    one criterion: 'val_nll_gap' (|few-step NLL - exact NLL| averaged over the sweep's NFEs),
+    'val_quality' (1-step sample distance), 'val_ref_nll' (exact NLL) or 'last' (no selection).
+    """
 
     steps: int = 4000
     batch_size: int = 2048
@@ -59,14 +65,24 @@ class TrainConfig:
     max_nonfinite: int = 20
     log_every: int = 100
     checkpoint_every: int = 1000
+    validate_every: int = 0
+    num_validation: int = 512
+    select: str = "last"
 
     # Fields that do not change the trained weights, hence not part of a checkpoint's cache key.
     BOOKKEEPING: typing.ClassVar[tuple[str, ...]] = ("log_every", "checkpoint_every")
+    CRITERIA: typing.ClassVar[tuple[str, ...]] = ("last", "val_nll_gap", "val_quality", "val_ref_nll")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "warmup_steps", "log_every", "checkpoint_every"):
+        for name in ("steps", "batch_size", "warmup_steps", "log_every", "checkpoint_every", "num_validation"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.validate_every < 0:
+            raise ConfigError(f"train.validate_every must be >= 0 (0: off), got {self.validate_every}")
+        if self.select not in self.CRITERIA:
+            raise ConfigError(f"train.select must be one of {', '.join(self.CRITERIA)}, got {self.select!r}")
+        if self.select != "last" and self.validate_every == 0:
+            raise ConfigError(f"train.select {self.select!r} needs train.validate_every > 0")
         if self.lr <= 0 or not 0 <= self.ema_decay < 1:
             raise ConfigError(f"need train.lr > 0 and 0 <= train.ema_decay < 1, got {self.lr}, {self.ema_decay}")
 
@@ -119,6 +135,7 @@ class SweepConfig:
         teacher_train: training budget of the flow-matching teacher (the reference of every row).
         method_options: method name -> overrides of its config (see ``f2d2-bench methods``).
         train_overrides: method name -> overrides of ``train`` for that method.
+        checkpoints: method name -> a trained checkpoint to evaluate instead of training one.
     """
 
     dataset: str = "checkerboard"
@@ -132,6 +149,7 @@ class SweepConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     method_options: dict[str, dict] = field(default_factory=dict)
     train_overrides: dict[str, dict] = field(default_factory=dict)
+    checkpoints: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         validate_nfe(self.nfe)

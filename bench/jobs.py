@@ -43,11 +43,14 @@ class Job:
     sigma_0: float
     teacher_dir: str | None
     cache_root: str
+    validation_nfe: tuple[int, ...] = (1, 2, 4, 8)
 
     def identity(self) -> dict:
         """What determines the trained weights (bookkeeping fields excluded)."""
         train = {k: v for k, v in to_dict(self.train).items() if k not in TrainConfig.BOOKKEEPING}
         teacher = read_meta(self.teacher_dir)["cache_key"] if self.teacher_dir else None
+        if self.train.validate_every:
+            train["validation_nfe"] = list(self.validation_nfe)
         return {
             "version": CACHE_VERSION,
             "dataset": self.dataset,
@@ -83,6 +86,8 @@ def _state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
     for idx, slots in opt["state"].items():
         tensors |= {f"optim/{idx}/{name}": torch.as_tensor(v) for name, v in slots.items()}
     tensors["rng/generator"] = state.generator.get_state()
+    if state.best is not None:
+        tensors |= {f"best/{k}": v for k, v in state.best["state"].items()}
     return tensors
 
 
@@ -109,6 +114,10 @@ def _save(job: Job, state: TrainState, complete: bool) -> None:
         "optimizer_param_groups": state.optimizer.state_dict()["param_groups"],
         "running": state.running,
         "history": state.history,
+        "validation": state.validation,
+        "select": job.train.select,
+        "best_step": state.best["step"] if state.best else None,
+        "best_value": state.best["value"] if state.best else None,
     }
     save_checkpoint(job.directory, _state_tensors(state), meta)
 
@@ -126,6 +135,10 @@ def _restore(job: Job, state: TrainState) -> None:
     state.generator.set_state(tensors["rng/generator"])
     state.step, state.num_skipped = meta["step"], meta["num_skipped"]
     state.history, state.running, state.wall_s = meta["history"], meta["running"], meta["train_wall_s"]
+    state.validation = meta.get("validation", [])
+    best = prefixed(tensors, "best/")
+    if best:
+        state.best = {"step": meta["best_step"], "value": meta["best_value"], "state": best}
 
 
 def run_job(job: Job, device: str = "cpu", progress: Progress | None = None, threads: int | None = None) -> Path:
@@ -146,7 +159,15 @@ def run_job(job: Job, device: str = "cpu", progress: Progress | None = None, thr
     if job.status() == "partial":
         _restore(job, state)
     report = (lambda step, log: progress(job.method, step, job.train.steps, log)) if progress else None
-    train(state, method, dataset.train_batch, job.train, teacher=teacher, progress=report, on_checkpoint=lambda s: _save(job, s, False))
+    scorer = None
+    if job.train.validate_every:
+        from bench.validation import Scorer
+
+        scorer = Scorer(dataset, job.train.num_validation, job.validation_nfe, torch.device(device))
+    train(
+        state, method, dataset.train_batch, job.train, teacher=teacher, progress=report,
+        on_checkpoint=lambda s: _save(job, s, False), on_validate=scorer,
+    )
     _save(job, state, True)
     return job.directory
 

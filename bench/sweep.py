@@ -20,7 +20,7 @@ import torch
 
 from baselines import get_method
 from bench.cells import CellContext, Row, evaluate_cell, rows_from_json, rows_to_json
-from bench.checkpoint import load_checkpoint, read_meta
+from bench.checkpoint import CheckpointError, check_expected, checkpoint_dir, load_checkpoint, read_meta
 from bench.config import SweepConfig, merge, stable_hash, to_dict
 from bench.datasets import get_dataset
 from bench.env import device_name, environment, quiet_known_warnings
@@ -49,6 +49,7 @@ class SweepOutcome:
     stage_s: dict[str, float] = field(default_factory=dict)
     trained: list[str] = field(default_factory=list)
     reused_cells: list[str] = field(default_factory=list)
+    quality_floor: dict = field(default_factory=dict)
 
 def check_writable(path: Path) -> None:
     """Fail early (before any training) if ``path`` cannot be created or written."""
@@ -58,25 +59,65 @@ def check_writable(path: Path) -> None:
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise PermissionError(f"output directory {path} is not writable")
 
-def plan_jobs(cfg: SweepConfig, dataset_name: str, data_dir: str | None, cache_dir: Path, kappa: float, sigma_0: float) -> tuple[Job, list[Job]]:
-    """The teacher job and one job per other method (distill variants point at the teacher)."""
+@dataclass(frozen=True)
+class Provided:
+    """A trained checkpoint given by the user (``--checkpoint METHOD=PATH``) instead of a training job."""
 
-    def job(name: str, teacher_dir: str | None) -> Job:
+    method: str
+    path: str
+
+    @property
+    def directory(self) -> Path:
+        return checkpoint_dir(self.path)
+
+    def status(self) -> str:
+        return "provided"
+
+
+Source = Job | Provided
+
+
+def plan_jobs(cfg: SweepConfig, dataset, data_dir: str | None, cache_dir: Path, kappa: float, sigma_0: float) -> dict[str, Source]:
+    """Teacher first, then every method: a provided checkpoint (checked now, before anything is
+    trained or written) or a training job; distill variants point at the teacher."""
+
+    def source(name: str, teacher_dir: str | None) -> Source:
+        if name in cfg.checkpoints:
+            return check_provided(Provided(name, cfg.checkpoints[name]), dataset)
         spec = get_method(name)
         method_cfg = merge(spec.config, cfg.method_options.get(name, {}), f"method_options.{name}")
         train_cfg = cfg.teacher_train if name == TEACHER else cfg.train_for(name)
         needs_teacher = spec.build(method_cfg).needs_teacher
         return Job(
-            name, method_cfg, cfg.model, train_cfg, dataset_name, data_dir, kappa, sigma_0,
-            teacher_dir if needs_teacher else None, str(cache_dir),
+            name, method_cfg, cfg.model, train_cfg, dataset.name, data_dir, kappa, sigma_0,
+            teacher_dir if needs_teacher else None, str(cache_dir), cfg.nfe,
         )
 
-    teacher = job(TEACHER, None)
-    return teacher, [job(name, str(teacher.directory)) for name in cfg.methods if name != TEACHER]
+    teacher = source(TEACHER, None)
+    sources = {TEACHER: teacher}
+    for name in cfg.methods:
+        if name != TEACHER:
+            sources[name] = source(name, str(teacher.directory))
+    return sources
 
-def train_all(teacher: Job, others: list[Job], device: torch.device, jobs: int, reporter: Reporter) -> list[str]:
+
+def check_provided(provided: Provided, dataset) -> Provided:
+    """Refuse a missing, damaged or mismatched checkpoint with one message naming the file."""
+    meta = read_meta(provided.directory)
+    check_expected(meta, provided.directory / "checkpoint.json", method=provided.method, dataset=dataset.name)
+    if tuple(meta["data_shape"]) != tuple(dataset.data_shape):
+        raise CheckpointError(
+            f"{provided.directory}: checkpoint data shape {tuple(meta['data_shape'])} does not match "
+            f"{dataset.name} {tuple(dataset.data_shape)}"
+        )
+    load_checkpoint(provided.directory, method=provided.method, dataset=dataset.name)  # hash and weights
+    return provided
+
+
+def train_all(sources: dict[str, Source], device: torch.device, jobs: int, reporter: Reporter) -> list[str]:
     """Train missing checkpoints: the teacher first, then the rest (in parallel if ``jobs`` > 1)."""
-    todo = [j for j in [teacher, *others] if j.status() != "complete"]
+    todo = [j for j in sources.values() if isinstance(j, Job) and j.status() != "complete"]
+    teacher = sources[TEACHER]
     if teacher in todo:
         run_job(teacher, str(device), reporter.train_progress)
     rest = [j for j in todo if j is not teacher]
@@ -91,6 +132,7 @@ def train_all(teacher: Job, others: list[Job], device: torch.device, jobs: int, 
         futures = {pool.submit(run_job, j, "cpu", forward, threads): j for j in rest}
         wait_for(futures, reporter.drain)
     return [j.method for j in todo]
+
 
 class _QueueProgress:
     """Picklable progress callback that forwards (name, step, total, log) through a queue."""
@@ -113,6 +155,7 @@ def run_sweep(
     device: torch.device = torch.device("cpu"),
     jobs: int = 1,
     reporter: Reporter | None = None,
+    inception_weights: str | None = None,
 ) -> SweepOutcome:
     """Run a sweep end to end and write its outputs; returns the rows and where they went."""
     reporter = reporter or Reporter()
@@ -125,16 +168,19 @@ def run_sweep(
     outcome = SweepOutcome([], out_dir)
 
     start = time.perf_counter()
-    teacher_job, others = plan_jobs(cfg, dataset.name, data_dir, cache_dir, kappa, sigma_0)
-    reporter.stage(f"training ({dataset.name}): {', '.join(j.method + ' [' + j.status() + ']' for j in [teacher_job, *others])}")
-    outcome.trained = train_all(teacher_job, others, device, jobs, reporter)
+    sources = plan_jobs(cfg, dataset, data_dir, cache_dir, kappa, sigma_0)
+    reporter.stage(f"training ({dataset.name}): {', '.join(f'{n} [{j.status()}]' for n, j in sources.items())}")
+    outcome.trained = train_all(sources, device, jobs, reporter)
     outcome.stage_s["train"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    ctx = _context(cfg, dataset, teacher_job, device)
+    teacher_job = sources[TEACHER]
+    reporter.stage("exact-ODE reference of the teacher" + (" and sample-quality features" if dataset.levels else ""))
+    ctx = _context(cfg, dataset, teacher_job, device, cache_dir, inception_weights)
+    outcome.quality_floor = _quality_floor(ctx)
     cells_dir = out_dir / "cells"
     for name in cfg.methods:
-        job = teacher_job if name == TEACHER else next(j for j in others if j.method == name)
+        job = sources[name]
         key = _cell_key(cfg, job, teacher_job)
         path = cells_dir / f"{name}.json"
         cached = _read_cell(path, key)
@@ -148,17 +194,31 @@ def run_sweep(
         write_json(path, {"key": key, "rows": rows_to_json(rows)})
         outcome.rows += rows
     outcome.stage_s["evaluate"] = time.perf_counter() - start
-    write_outputs(cfg, outcome, [teacher_job, *others], device)
+    write_outputs(cfg, outcome, list(sources.values()), device)
     return outcome
 
-def _context(cfg: SweepConfig, dataset, teacher_job: Job, device: torch.device) -> CellContext:
+def _context(
+    cfg: SweepConfig, dataset, teacher_job: Source, device: torch.device, cache_dir: Path, inception_weights: str | None
+) -> CellContext:
+    from bench.fid import quality_for
+
+    quality = quality_for(dataset, cache_dir, inception_weights, device)  # before the slow reference: fail early
     x_test = dataset.test_set(cfg.eval.num_test).to(device)
     noise = per_sample_noise(cfg.eval.num_samples, dataset.data_shape, cfg.eval.seed, device)
     teacher = load_checkpoint(teacher_job.directory, ema=cfg.eval.use_ema, device=device)
     teacher_ref = reference(teacher, x_test, cfg.eval, device)
-    return CellContext(dataset, x_test, noise, teacher_ref, cfg.eval, device, device_name(device))
+    return CellContext(dataset, x_test, noise, teacher_ref, cfg.eval, device, device_name(device), quality)
 
-def _cell_key(cfg: SweepConfig, job: Job, teacher_job: Job) -> str:
+
+def _quality_floor(ctx: CellContext) -> dict:
+    """The image metric of held-out test images themselves: the floor a perfect sampler reaches
+    with this many samples (None for 2D data)."""
+    if ctx.quality is None:
+        return {}
+    rows = ctx.quality.levels_metrics(ctx.dataset.test_levels())
+    return {metric: {"value": value, "stderr": stderr, "estimator": est} for metric, value, stderr, est in rows}
+
+def _cell_key(cfg: SweepConfig, job: Source, teacher_job: Source) -> str:
     return stable_hash({
         "checkpoint": read_meta(job.directory)["sha256"],
         "teacher": read_meta(teacher_job.directory)["sha256"],
@@ -173,7 +233,7 @@ def _read_cell(path: Path, key: str) -> list[Row] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
-def write_outputs(cfg: SweepConfig, outcome: SweepOutcome, jobs: list[Job], device: torch.device) -> None:
+def write_outputs(cfg: SweepConfig, outcome: SweepOutcome, jobs: list[Source], device: torch.device) -> None:
     """results.csv, results.md, config.yaml, env.json and training.json, each atomically."""
     import yaml
 
@@ -184,7 +244,12 @@ def write_outputs(cfg: SweepConfig, outcome: SweepOutcome, jobs: list[Job], devi
     write_text(out / "results.csv", frame.to_csv(index=False))
     write_text(out / "results.md", wide_markdown(frame, title=f"f2d2-bench sweep: {cfg.dataset}"))
     write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    env = environment(device) | {"stage_s": outcome.stage_s, "trained": outcome.trained, "reused_cells": outcome.reused_cells}
+    env = environment(device) | {
+        "stage_s": outcome.stage_s,
+        "trained": outcome.trained,
+        "reused_cells": outcome.reused_cells,
+        "sample_quality_of_test_data": outcome.quality_floor,
+    }
     write_json(out / "env.json", env)
     training = {}
     for job in jobs:
@@ -192,8 +257,10 @@ def write_outputs(cfg: SweepConfig, outcome: SweepOutcome, jobs: list[Job], devi
         training[job.method] = {
             "checkpoint": str(job.directory),
             "steps": meta["step"],
-            "num_skipped": meta["num_skipped"],
-            "train_wall_s": meta["train_wall_s"],
-            "history": meta["history"],
+            "num_skipped": meta.get("num_skipped"),
+            "train_wall_s": meta.get("train_wall_s"),
+            "history": meta.get("history", []),
+            "validation": meta.get("validation", []),
+            "best_step": meta.get("best_step"),
         }
     write_json(out / "training.json", training)

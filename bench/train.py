@@ -37,6 +37,8 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     running: dict = field(default_factory=dict)  # exponential moving average of the logged terms
     wall_s: float = 0.0
+    validation: list[dict] = field(default_factory=list)
+    best: dict | None = None  # {"step", "value", "state"}: the EMA weights selected by the criterion
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -93,6 +95,17 @@ def train_step(
     return {"step": state.step, "loss": total.item(), "grad_norm": grad_norm.item(), **terms}
 
 
+def validate(state: TrainState, scorer: Callable[[TrainState], dict], cfg: TrainConfig) -> None:
+    """Score the EMA model, record it, and keep a copy of its weights if it is the best so far."""
+    record = {"step": state.step, **scorer(state)}
+    state.validation.append(record)
+    value = record.get(cfg.select)
+    if cfg.select != "last" and value is not None and math.isfinite(value):
+        if state.best is None or value < state.best["value"]:
+            weights = {k: v.detach().clone() for k, v in state.ema.state_dict().items()}
+            state.best = {"step": state.step, "value": value, "state": weights}
+
+
 def train(
     state: TrainState,
     method: Method,
@@ -103,9 +116,12 @@ def train(
     progress: Callable[[int, dict], None] | None = None,
     until: int | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
+    on_validate: Callable[[TrainState], dict] | None = None,
 ) -> TrainState:
     """Train ``state`` up to step ``until`` (default ``cfg.steps``), calling ``progress(step, log)``
-    after each step and ``on_checkpoint(state)`` every ``cfg.checkpoint_every`` steps.
+    after each step, ``on_validate(state)`` every ``cfg.validate_every`` steps (its record is kept
+    and the best EMA weights by ``cfg.select`` are copied) and ``on_checkpoint(state)`` every
+    ``cfg.checkpoint_every`` steps.
 
     Raises :class:`TrainingDiverged` after ``cfg.max_nonfinite`` consecutive skipped steps; the
     state then still holds the last good parameters.
@@ -131,6 +147,8 @@ def train(
             state.history.append({**state.running, "step": state.step, "num_skipped": state.num_skipped})
         if progress is not None:
             progress(state.step, state.running)
+        if on_validate is not None and cfg.validate_every and state.step % cfg.validate_every == 0:
+            validate(state, on_validate, cfg)
         if on_checkpoint is not None and state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
             state.wall_s += time.perf_counter() - start
             start = time.perf_counter()

@@ -104,3 +104,29 @@ def test_resumed_training_equals_uninterrupted(name, tmp_path):
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
     assert read_meta(full.directory)["history"] == read_meta(cut.directory)["history"]
+
+
+def test_validation_keeps_the_best_weights_by_the_criterion(tmp_path):
+    spec = get_method("meanflow-f2d2")
+    cfg = TrainConfig(steps=12, batch_size=64, warmup_steps=2, validate_every=3, num_validation=64, select="val_nll_gap")
+    job = Job("meanflow-f2d2", spec.config, SMALL, cfg, "checkerboard", None, 10.0, 2.31, None, str(tmp_path), (1, 2))
+    run_job(job)
+    meta = read_meta(job.directory)
+    records = meta["validation"]
+    assert [r["step"] for r in records] == [3, 6, 9, 12]
+    for r in records:
+        assert set(r) >= {"val_ref_nll", "val_nll_gap", "val_quality", "val_nll@1", "val_nll@2"}
+        expected_gap = (abs(r["val_nll@1"] - r["val_ref_nll"]) + abs(r["val_nll@2"] - r["val_ref_nll"])) / 2
+        assert r["val_nll_gap"] == pytest.approx(expected_gap, abs=1e-5)
+    best = min(records, key=lambda r: r["val_nll_gap"])
+    assert meta["best_step"] == best["step"] and meta["best_value"] == pytest.approx(best["val_nll_gap"])
+    selected, last = load_checkpoint(job.directory), load_checkpoint(job.directory, best=False)
+    same = all(torch.equal(a, b) for a, b in zip(selected.parameters(), last.parameters()))
+    assert same == (best["step"] == 12)
+
+
+def test_select_needs_validation():
+    from bench.config import ConfigError
+
+    with pytest.raises(ConfigError, match="validate_every"):
+        TrainConfig(select="val_quality")
