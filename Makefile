@@ -32,3 +32,17 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf .venv .pytest_cache .benchmarks
+
+# Timing tier: pytest-benchmark over the core kernels. `make bench` saves a run under
+# results/benchmarks/; `make bench-compare` compares a fresh run with the committed baseline
+# (BENCH_BASELINE, the saved run's id) and fails if a median slowed down by more than 50%.
+BENCH_STORAGE := results/benchmarks
+BENCH_BASELINE ?= 0001
+bench: $(STAMP)
+	$(BIN)/python -m pytest tests/benchmarks -m benchmark --benchmark-enable \
+		--benchmark-storage=$(BENCH_STORAGE) --benchmark-autosave --benchmark-columns=min,median,max,rounds
+
+bench-compare: $(STAMP)
+	$(BIN)/python -m pytest tests/benchmarks -m benchmark --benchmark-enable \
+		--benchmark-storage=$(BENCH_STORAGE) --benchmark-compare=$(BENCH_BASELINE) \
+		--benchmark-compare-fail=median:50% --benchmark-columns=min,median,max,rounds
