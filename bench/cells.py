@@ -16,7 +16,7 @@ from torch import Tensor
 from bench.config import EvalConfig
 from bench.datasets import Dataset
 from bench.evaluate import Likelihood, draw_samples, few_step, mean_stderr, reference
-from bench.metrics import energy_distance_estimate, share_estimate
+from bench.metrics import CALIBRATION_TOL, calibration_stats, energy_distance_estimate, share_estimate
 from f2d2.model import FlowMap
 from f2d2.units import bits_per_dim
 
@@ -81,12 +81,16 @@ def nll_flag(mean: float, stderr: float, dataset: Dataset, units: Units) -> str:
     return "invalid" if units.name == "bpd" and mean < 0 else ""
 
 
-def evaluate_cell(name: str, model: FlowMap, ctx: CellContext, nfe: tuple[int, ...], own_ref: Likelihood | None = None) -> list[Row]:
-    """All rows for one method: references, few-step NLL, samples and timings at each NFE."""
+def evaluate_cell(
+    name: str, model: FlowMap, ctx: CellContext, nfe: tuple[int, ...], own_ref: Likelihood | None = None
+) -> tuple[list[Row], dict[str, Tensor]]:
+    """All rows for one method (references, few-step NLL, calibration, samples and timings at
+    each NFE) and the per-point NLLs in nats ('ref' and one entry per NFE) for calibration plots."""
     units, ds, cfg = Units(ctx.dataset), ctx.dataset, ctx.cfg
     n = len(ctx.x_test)
     own = own_ref if own_ref is not None else reference(model, ctx.x_test, cfg, ctx.device)
     rows: list[Row] = []
+    per_sample: dict[int, Tensor] = {}
 
     def add(k: int, metric: str, value: float, stderr: float = math.nan, flag: str = "", estimator: str = "", points: int = n) -> None:
         rows.append(Row(ds.name, name, k, metric, value, stderr, flag, estimator, points, ctx.device_label))
@@ -105,6 +109,11 @@ def evaluate_cell(name: str, model: FlowMap, ctx: CellContext, nfe: tuple[int, .
         add_nll(k, f"nll_teacher_{units.name}", ctx.teacher_ref)
         gap, gap_se = mean_stderr(fast.nll - own.nll)
         add(k, f"nll_gap_{units.name}", gap * units.scale(), gap_se * units.scale(), estimator=fast.estimator)
+        calib = calibration_stats(units.convert(fast.nll).cpu().numpy(), units.convert(own.nll).cpu().numpy(), units.name)
+        add(k, f"calib_mae_{units.name}", calib["mae"], estimator=fast.estimator)
+        add(k, "calib_spearman", calib["spearman"], estimator=fast.estimator)
+        add(k, "calib_within", calib["within"], estimator=f"{fast.estimator}, |gap| <= {CALIBRATION_TOL[units.name]:g} {units.name}")
+        per_sample[k] = fast.nll
         if entropy is not None:
             add(k, f"entropy_{units.name}", entropy.nats, entropy.stderr, estimator="exact" if entropy.stderr == 0 else "monte-carlo")
         add(k, "ref_nfe", own.nfe, estimator=own.estimator)
@@ -114,7 +123,8 @@ def evaluate_cell(name: str, model: FlowMap, ctx: CellContext, nfe: tuple[int, .
         samples = draw_samples(model, ctx.noise, k, cfg, ctx.device)
         add(k, "sample_wall_s", samples.wall_s, points=len(ctx.noise))
         rows += sample_quality_rows(name, k, samples.x, ctx)
-    return rows
+    arrays = {"ref": own.nll.detach().cpu()} | {f"nfe{k}": v.detach().cpu() for k, v in per_sample.items()}
+    return rows, arrays
 
 
 def sample_quality_rows(name: str, k: int, x: Tensor, ctx: CellContext) -> list[Row]:

@@ -136,6 +136,7 @@ class SweepConfig:
         method_options: method name -> overrides of its config (see ``f2d2-bench methods``).
         train_overrides: method name -> overrides of ``train`` for that method.
         checkpoints: method name -> a trained checkpoint to evaluate instead of training one.
+        figures: draw the figures (PNG and PDF) beside the results.
     """
 
     dataset: str = "checkerboard"
@@ -150,6 +151,7 @@ class SweepConfig:
     method_options: dict[str, dict] = field(default_factory=dict)
     train_overrides: dict[str, dict] = field(default_factory=dict)
     checkpoints: dict[str, str] = field(default_factory=dict)
+    figures: bool = True
 
     def __post_init__(self) -> None:
         validate_nfe(self.nfe)
@@ -160,6 +162,11 @@ class SweepConfig:
 
     def train_for(self, method: str) -> TrainConfig:
         return merge(self.train, self.train_overrides.get(method, {}), f"train_overrides.{method}")
+
+    def options_for(self, method: str) -> dict:
+        """``method_options`` of a method; NAME-fwd inherits NAME's options (its own win)."""
+        base = method.removesuffix("-fwd")
+        return {**self.method_options.get(base, {}), **self.method_options.get(method, {})}
 
 
 def validate_nfe(nfe: tuple[int, ...]) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from bench.io import write_with
+from bench.metrics import CALIBRATION_TOL, calibration_stats
 from bench.tables import quality_metric
 from f2d2.likelihood import few_step_log_prob, reference_log_prob
 from f2d2.sampling import sample
@@ -37,7 +38,6 @@ FORMATS = ("png", "pdf")
 DPI = 150
 EXTENT = 4.5  # half-width of the density grid: covers checkerboard ([-4, 4]^2) and 8gaussians
 CHUNK = 8192  # grid points per likelihood call, so a real network's activations stay small
-CALIBRATION_TOL = {"nats": 0.1, "bpd": 0.01}  # |few - ref| counted as "within" (inclusive)
 TEACHER = "flow-matching"
 GUIDED_SUFFIX = "+guided"
 MARKERS = "osD^v<>"
@@ -335,41 +335,6 @@ def quality_vs_nfe(frame: pd.DataFrame, out_stem: Path, metric: str | None = Non
 
 
 # 4. Per-point calibration of few-step likelihoods -------------------------------------------
-
-
-def _average_ranks(a: np.ndarray) -> np.ndarray:
-    """1-based ranks; tied values share the mean of the ranks they span."""
-    _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)
-    return (last - (counts - 1) / 2.0)[inverse.reshape(-1)]
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = _average_ranks(a), _average_ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
-    return float(np.clip(ra @ rb / denom, -1.0, 1.0)) if denom > 0 else math.nan  # constant input: undefined
-
-
-def calibration_stats(few: np.ndarray, ref: np.ndarray, unit: str = "nats") -> dict[str, float]:
-    """Agreement of few-step and exact per-point NLLs, both (N,) in ``unit``.
-
-    mae: mean |few - ref|; spearman: rank correlation (Pearson correlation of average ranks, so
-    ties are handled as scipy.stats.spearmanr does); within: share of points with
-    |few - ref| <= 0.1 nats (0.01 bits/dim). All NaN if any value is non-finite: like the tables, a
-    non-finite NLL is reported, never averaged away.
-    """
-    if unit not in CALIBRATION_TOL:
-        raise ValueError(f"unit must be one of {', '.join(CALIBRATION_TOL)}, got {unit!r}")
-    few, ref = np.asarray(few, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    if few.shape != ref.shape or few.size == 0:
-        raise ValueError(f"need two non-empty arrays of one shape, got {few.shape} and {ref.shape}")
-    few, ref = few.reshape(-1), ref.reshape(-1)
-    if not (np.isfinite(few).all() and np.isfinite(ref).all()):
-        return {"mae": math.nan, "spearman": math.nan, "within": math.nan}
-    err = np.abs(few - ref)
-    spearman = _spearman(few, ref) if few.size > 1 else math.nan
-    return {"mae": float(err.mean()), "spearman": spearman, "within": float((err <= CALIBRATION_TOL[unit]).mean())}
 
 
 def _calibration_panel(ax: Axes, few: np.ndarray, ref: np.ndarray, unit: str, name: str) -> None:

@@ -17,6 +17,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from baselines import get_method
 from bench.cells import CellContext, Row, evaluate_cell, rows_from_json, rows_to_json
@@ -25,7 +26,7 @@ from bench.config import SweepConfig, merge, stable_hash, to_dict
 from bench.datasets import get_dataset
 from bench.env import device_name, environment, quiet_known_warnings
 from bench.evaluate import per_sample_noise, reference
-from bench.io import write_json, write_text
+from bench.io import write_json, write_text, write_with
 from bench.jobs import Job, run_job, wait_for
 
 TEACHER = "flow-matching"
@@ -50,6 +51,7 @@ class SweepOutcome:
     trained: list[str] = field(default_factory=list)
     reused_cells: list[str] = field(default_factory=list)
     quality_floor: dict = field(default_factory=dict)
+    figures: list[str] = field(default_factory=list)
 
 def check_writable(path: Path) -> None:
     """Fail early (before any training) if ``path`` cannot be created or written."""
@@ -85,7 +87,7 @@ def plan_jobs(cfg: SweepConfig, dataset, data_dir: str | None, cache_dir: Path, 
         if name in cfg.checkpoints:
             return check_provided(Provided(name, cfg.checkpoints[name]), dataset)
         spec = get_method(name)
-        method_cfg = merge(spec.config, cfg.method_options.get(name, {}), f"method_options.{name}")
+        method_cfg = merge(spec.config, cfg.options_for(name), f"method_options.{name}")
         train_cfg = cfg.teacher_train if name == TEACHER else cfg.train_for(name)
         needs_teacher = spec.build(method_cfg).needs_teacher
         return Job(
@@ -174,28 +176,56 @@ def run_sweep(
     outcome.stage_s["train"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    arrays = evaluate_all(cfg, dataset, sources, outcome, device, cache_dir, inception_weights, reporter)
+    outcome.stage_s["evaluate"] = time.perf_counter() - start
+    write_outputs(cfg, outcome, list(sources.values()), device)
+    if cfg.figures:
+        start = time.perf_counter()
+        reporter.stage("figures")
+        from bench.report import write_figures
+
+        outcome.figures = write_figures(outcome, dataset, sources, arrays, cfg, device)
+        outcome.stage_s["figures"] = time.perf_counter() - start
+        write_outputs(cfg, outcome, list(sources.values()), device)  # env.json with the figure stage
+    return outcome
+
+
+def evaluate_all(
+    cfg: SweepConfig,
+    dataset,
+    sources: dict[str, Source],
+    outcome: SweepOutcome,
+    device: torch.device,
+    cache_dir: Path,
+    inception_weights: str | None,
+    reporter: Reporter,
+) -> dict[str, dict[str, Tensor]]:
+    """Every method's cell, reused when its key matches; the context (teacher reference, image
+    features) is built only if some cell must be computed. Returns per-point NLL arrays."""
     teacher_job = sources[TEACHER]
-    reporter.stage("exact-ODE reference of the teacher" + (" and sample-quality features" if dataset.levels else ""))
-    ctx = _context(cfg, dataset, teacher_job, device, cache_dir, inception_weights)
-    outcome.quality_floor = _quality_floor(ctx)
-    cells_dir = out_dir / "cells"
+    cells_dir = outcome.out_dir / "cells"
+    ctx: CellContext | None = None
+    arrays: dict[str, dict[str, Tensor]] = {}
     for name in cfg.methods:
         job = sources[name]
         key = _cell_key(cfg, job, teacher_job)
-        path = cells_dir / f"{name}.json"
-        cached = _read_cell(path, key)
+        cached = _read_cell(cells_dir / f"{name}.json", cells_dir / f"{name}.npz", key)
         if cached is not None:
-            outcome.rows += cached
+            rows, arrays[name] = cached
+            outcome.rows += rows
             outcome.reused_cells.append(name)
             continue
+        if ctx is None:
+            reporter.stage("exact-ODE reference of the teacher" + (" and sample-quality features" if dataset.levels else ""))
+            ctx = _context(cfg, dataset, teacher_job, device, cache_dir, inception_weights)
+            outcome.quality_floor = _quality_floor(ctx)
         reporter.stage(f"evaluating {name} at NFE {', '.join(map(str, cfg.nfe))}")
         model = load_checkpoint(job.directory, ema=cfg.eval.use_ema, device=device)
-        rows = evaluate_cell(name, model, ctx, cfg.nfe, ctx.teacher_ref if name == TEACHER else None)
-        write_json(path, {"key": key, "rows": rows_to_json(rows)})
+        rows, arrays[name] = evaluate_cell(name, model, ctx, cfg.nfe, ctx.teacher_ref if name == TEACHER else None)
+        _write_cell(cells_dir / f"{name}.json", cells_dir / f"{name}.npz", key, rows, arrays[name])
         outcome.rows += rows
-    outcome.stage_s["evaluate"] = time.perf_counter() - start
-    write_outputs(cfg, outcome, list(sources.values()), device)
-    return outcome
+    return arrays
+
 
 def _context(
     cfg: SweepConfig, dataset, teacher_job: Source, device: torch.device, cache_dir: Path, inception_weights: str | None
@@ -226,10 +256,31 @@ def _cell_key(cfg: SweepConfig, job: Source, teacher_job: Source) -> str:
         "nfe": list(cfg.nfe),
     })
 
-def _read_cell(path: Path, key: str) -> list[Row] | None:
+def _write_cell(path: Path, arrays_path: Path, key: str, rows: list[Row], arrays: dict[str, Tensor]) -> None:
+    """Arrays first, rows last: a cell counts as done only once its JSON exists."""
+    import numpy as np
+
+    payload = {name: value.double().numpy() for name, value in arrays.items()} | {"key": np.array(key)}
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **payload)
+
+    write_with(arrays_path, save)
+    write_json(path, {"key": key, "rows": rows_to_json(rows)})
+
+
+def _read_cell(path: Path, arrays_path: Path, key: str) -> tuple[list[Row], dict[str, Tensor]] | None:
+    """A finished cell with this key, or None (missing, stale or unreadable cells are recomputed)."""
+    import numpy as np
+
     try:
         data = json.loads(path.read_text())
-        return rows_from_json(data["rows"]) if data.get("key") == key else None
+        with np.load(arrays_path, allow_pickle=False) as npz:
+            if data.get("key") != key or str(npz["key"]) != key:
+                return None
+            arrays = {name: torch.from_numpy(npz[name]) for name in npz.files if name != "key"}
+        return rows_from_json(data["rows"]), arrays
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -249,6 +300,7 @@ def write_outputs(cfg: SweepConfig, outcome: SweepOutcome, jobs: list[Source], d
         "trained": outcome.trained,
         "reused_cells": outcome.reused_cells,
         "sample_quality_of_test_data": outcome.quality_floor,
+        "figures": outcome.figures,
     }
     write_json(out / "env.json", env)
     training = {}

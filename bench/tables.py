@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 import pandas as pd
 
+from baselines import FORWARD_ONLY
 from bench.cells import Row
 
 COLUMNS = [f.name for f in fields(Row)]
@@ -27,6 +28,9 @@ WIDE = [
     ("nll_teacher", "teacher ref", 3, True),
     ("nll_gap", "gap", 3, True),
     ("entropy", "true", 3, True),
+    ("calib_mae", "calib MAE", 3, True),
+    ("calib_spearman", "Spearman", 3, False),
+    ("calib_within", "within tol", 3, False),
     ("energy_distance", "energy dist.", 4, False),
     ("support_share", "in support", 3, False),
     ("fd_digits", "FD-digits", 2, False),
@@ -148,13 +152,14 @@ def ranks(values: dict[str, Cell], likelihood: bool) -> dict[str, int]:
 
 def paper_table(frame: pd.DataFrame, fmt_name: str = "markdown", nfe: tuple[int, ...] | None = None) -> str:
     """Rows = methods; column pairs NLL / sample quality at each NFE (8, 4, 2, 1 as in the paper);
-    teacher reference in the caption; best bold, second underlined, invalid marked."""
+    teacher reference in the caption; best bold, second underlined, invalid marked. Forward-only
+    copies (NAME-fwd) are left to the backward layout."""
     unit, quality = unit_of(frame), quality_metric(frame)
     nll_metric = f"nll_{unit}"
     available = sorted({int(k) for k in frame.loc[frame["metric"] == nll_metric, "nfe"]}, reverse=True)
     nfe = tuple(nfe) if nfe else tuple(available)
     cells = lookup(frame)
-    methods = methods_of(frame)
+    methods = [m for m in methods_of(frame) if not m.endswith(FORWARD_ONLY)]  # those belong to --layout backward
     columns = [(k, m) for k in nfe for m in (nll_metric, quality)]
     rank = {
         (k, m): ranks({name: cells[(name, k, m)] for name in methods if (name, k, m) in cells}, m == nll_metric)
@@ -262,7 +267,7 @@ def backward_table(frame: pd.DataFrame, fmt_name: str = "markdown") -> str:
     if fmt_name == "csv":
         return table.to_csv(index=False)
     headers = list(table.columns)
-    body = [[str(v) if not isinstance(v, float) else f"{v:+.3f}" for v in row] for row in table.itertuples(index=False)]
+    body = [[str(v) if not isinstance(v, float) else (f"{v:+.3f}" if math.isfinite(v) else "-") for v in row] for row in table.itertuples(index=False)]
     caption = (
         f"Few-step NLL minus the model's own exact-ODE reference NLL ({unit}): with trained backward maps, "
         "with the first-order backward approximation on the same (bidirectionally trained) model, and on "

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from bench.datasets import EightGaussians
+from bench.metrics import calibration_stats
 from bench.plots import (
     calibration_scatter,
-    calibration_stats,
     density_figure,
     grid_densities,
     nll_unit,
