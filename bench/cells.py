@@ -16,6 +16,7 @@ from torch import Tensor
 from bench.config import EvalConfig
 from bench.datasets import Dataset
 from bench.evaluate import Likelihood, draw_samples, few_step, mean_stderr, reference
+from f2d2.sampling import sample
 from bench.metrics import CALIBRATION_TOL, calibration_stats, energy_distance_estimate, share_estimate
 from f2d2.model import FlowMap
 from f2d2.units import bits_per_dim
@@ -68,6 +69,7 @@ class CellContext:
     device: torch.device
     device_label: str
     quality: Any = None  # bench.fid.SampleQuality for images; None: energy distance (2D data)
+    teacher_name: str = "flow-matching"
 
 
 def nll_flag(mean: float, stderr: float, dataset: Dataset, units: Units) -> str:
@@ -123,8 +125,35 @@ def evaluate_cell(
         samples = draw_samples(model, ctx.noise, k, cfg, ctx.device)
         add(k, "sample_wall_s", samples.wall_s, points=len(ctx.noise))
         rows += sample_quality_rows(name, k, samples.x, ctx)
+        if cfg.guidance_etas and model.capabilities.divergence_head:
+            add(k, "network_calls_forward", k, points=len(ctx.noise))
+            add(k, "network_calls_backward", 0, points=len(ctx.noise))
+            rows += guided_rows(name, model, k, ctx)
+    if name == ctx.teacher_name and cfg.teacher_steps:
+        many = draw_samples(model, ctx.noise, cfg.teacher_steps, cfg, ctx.device)
+        add(cfg.teacher_steps, "sample_wall_s", many.wall_s, points=len(ctx.noise))
+        rows += sample_quality_rows(name, cfg.teacher_steps, many.x, ctx)
     arrays = {"ref": own.nll.detach().cpu()} | {f"nfe{k}": v.detach().cpu() for k, v in per_sample.items()}
     return rows, arrays
+
+
+def guided_rows(name: str, model: FlowMap, k: int, ctx: CellContext) -> list[Row]:
+    """Sample quality with self-guided noise for every eta, under the label NAME+guided@ETA, and the
+    network calls spent: k forward jumps plus, per Adam step, one forward and one backward pass."""
+    from f2d2.guidance import guide_noise
+
+    cfg, rows = ctx.cfg, []
+    x0 = model.sigma_0 * ctx.noise
+    for eta in cfg.guidance_etas:
+        label = f"{name}+guided@{eta:g}"
+        noise = torch.cat([guide_noise(model, c, eta, num_steps=cfg.guidance_steps, prior_term=cfg.guidance_prior) for c in x0.split(cfg.batch_size)])
+        x = torch.cat([sample(model, c, k, track_log_p=False).x for c in noise.split(cfg.batch_size)])
+        objective = "-log p_1(Phi(x_0))" if cfg.guidance_prior else "kappa D(x_0, 0, 1)"
+        estimator = f"eta={eta:g}, {cfg.guidance_steps} Adam step(s) on {objective}"
+        calls = (("network_calls_forward", k + cfg.guidance_steps), ("network_calls_backward", cfg.guidance_steps))
+        rows += [Row(ctx.dataset.name, label, k, metric, value, math.nan, "", estimator, len(x), ctx.device_label) for metric, value in calls]
+        rows += sample_quality_rows(label, k, x, ctx)
+    return rows
 
 
 def sample_quality_rows(name: str, k: int, x: Tensor, ctx: CellContext) -> list[Row]:

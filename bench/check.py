@@ -43,6 +43,10 @@ class Rule:
 
 
 DEFAULT_RULES = (
+    Rule("ref_nfe", worse="higher", rel=0.5, gate=False),
+    Rule("*_wall_s", worse="higher", rel=1.0, sigmas=0.0, gate=False),
+    Rule("nll_speedup", worse="lower", rel=0.5, sigmas=0.0, gate=False),
+    Rule("network_calls_*", worse="higher", abs=0.0, sigmas=0.0),
     Rule("nll_gap_*", worse="abs", abs=0.05),
     Rule("nll_*", worse="both", abs=0.05),
     Rule("entropy_*", worse="both", abs=1e-6, sigmas=0.0),
@@ -50,9 +54,8 @@ DEFAULT_RULES = (
     Rule("support_share", worse="lower", abs=0.02),
     Rule("fd_*", worse="higher", rel=0.10),
     Rule("fid", worse="higher", rel=0.10),
-    Rule("ref_nfe", worse="higher", rel=0.5, gate=False),
-    Rule("*_wall_s", worse="higher", rel=1.0, sigmas=0.0, gate=False),
-    Rule("nll_speedup", worse="lower", rel=0.5, sigmas=0.0, gate=False),
+    Rule("calib_mae_*", worse="higher", abs=0.05),
+    Rule("calib_*", worse="lower", abs=0.05),
     Rule("*", worse="both", rel=0.10),
 )
 

@@ -2,19 +2,24 @@
 
 Layout of a checkpoint directory::
 
-    checkpoint.safetensors   model/*, ema/* weights; optim/* Adam state; rng/generator
-    checkpoint.json          method, dataset, data shape, capabilities, kappa, sigma_0, configs,
-                             step, completeness, versions, git commit, sha256 of the weights file
+    weights-<sha256[:16]>.safetensors   model/*, ema/*, best/* weights; optim/* Adam state; rng/*
+    checkpoint.json                     method, dataset, data shape, capabilities, kappa, sigma_0,
+                                        configs, step, completeness, versions, git commit, and the
+                                        name and sha256 of its weights file
 
-Loading never unpickles: it parses JSON, verifies the weights file against its recorded sha256
-(a truncated or swapped file is refused), rebuilds the network from the recorded configs and loads
-tensors by name with strict shape checks. Every failure is a :class:`CheckpointError` naming the file.
+The weights file is named by its content and written before the metadata that points to it; the
+previous weights are deleted only after the new metadata is in place. An interruption at any moment
+therefore leaves a consistent pair (the old one or the new one). Loading never unpickles: it parses
+JSON, checks field types, verifies the weights against the recorded sha256 (a truncated or swapped
+file is refused), rebuilds the network from the recorded configs and loads tensors by name with
+strict shape checks. Every failure is a :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,12 +31,16 @@ from bench.env import git_commit, package_version
 from bench.io import write_json, write_with
 from f2d2.model import Capabilities, FlowMap
 
-FORMAT_VERSION = 1
-WEIGHTS, META = "checkpoint.safetensors", "checkpoint.json"
-REQUIRED = (
-    "format_version", "method", "dataset", "data_shape", "capabilities", "kappa", "sigma_0",
-    "model", "step", "complete", "sha256",
-)
+FORMAT_VERSION = 2
+LEGACY_WEIGHTS = {1: "checkpoint.safetensors"}  # format 1 used one fixed weights file name
+META = "checkpoint.json"
+WEIGHTS_PREFIX, WEIGHTS_SUFFIX = "weights-", ".safetensors"
+# required metadata fields and the JSON types they must have
+REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "format_version": int, "method": str, "dataset": str, "data_shape": list, "capabilities": dict,
+    "kappa": (int, float), "sigma_0": (int, float), "model": dict, "step": int, "complete": bool,
+    "sha256": str, "weights_file": str,
+}
 
 
 class CheckpointError(ValueError):
@@ -46,29 +55,39 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _is_weights(name: str) -> bool:
+    return name.startswith(WEIGHTS_PREFIX) and name.endswith(WEIGHTS_SUFFIX)
+
+
 def checkpoint_dir(path: str | Path) -> Path:
-    """Accept the directory or either of its two files."""
+    """Accept the directory or either of its files."""
     path = Path(path)
-    return path.parent if path.name in (WEIGHTS, META) else path
+    return path.parent if path.name == META or _is_weights(path.name) or path.name in LEGACY_WEIGHTS.values() else path
 
 
 def save_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write weights then metadata, each atomically; the metadata records the weights' sha256."""
+    """Content-named weights, then the metadata pointing to them, then removal of older weights."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    flat = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    write_with(directory / WEIGHTS, lambda tmp: save_file(flat, str(tmp)))
     meta = {
         **meta,
         "format_version": FORMAT_VERSION,
-        "sha256": sha256_file(directory / WEIGHTS),
         "package_version": package_version(),
         "git_commit": git_commit(),
         "torch_version": torch.__version__,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_json(directory / META, meta)
+    flat = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    staged = directory / f"{WEIGHTS_PREFIX}staged{WEIGHTS_SUFFIX}.part"
+    write_with(staged, lambda tmp: save_file(flat, str(tmp)))
+    digest = sha256_file(staged)
+    weights = directory / f"{WEIGHTS_PREFIX}{digest[:16]}{WEIGHTS_SUFFIX}"
+    os.replace(staged, weights)
+    write_json(directory / META, {**meta, "sha256": digest, "weights_file": weights.name})
+    for old in directory.iterdir():
+        if (_is_weights(old.name) or old.name in LEGACY_WEIGHTS.values()) and old.name != weights.name:
+            old.unlink()
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -83,11 +102,24 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path}: not valid JSON ({err})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path}: expected a JSON object")
+    if meta.get("format_version") in LEGACY_WEIGHTS and "weights_file" not in meta:
+        meta["weights_file"] = LEGACY_WEIGHTS[meta["format_version"]]
     missing = [key for key in REQUIRED if key not in meta]
     if missing:
         raise CheckpointError(f"{meta_path}: missing metadata field(s) {', '.join(missing)}")
-    if meta["format_version"] != FORMAT_VERSION:
+    for key, kind in REQUIRED.items():
+        value = meta[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise CheckpointError(f"{meta_path}: field {key!r} has the wrong type ({type(value).__name__})")
+    if meta["format_version"] not in (FORMAT_VERSION, *LEGACY_WEIGHTS):
         raise CheckpointError(f"{meta_path}: format_version {meta['format_version']}, expected {FORMAT_VERSION}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in meta["data_shape"]):
+        raise CheckpointError(f"{meta_path}: data_shape must be a list of positive integers, got {meta['data_shape']}")
+    if meta["kappa"] <= 0 or meta["sigma_0"] <= 0:
+        raise CheckpointError(f"{meta_path}: kappa and sigma_0 must be positive")
+    legacy = meta["weights_file"] == LEGACY_WEIGHTS.get(meta["format_version"])
+    if not (_is_weights(meta["weights_file"]) or legacy) or "/" in meta["weights_file"]:
+        raise CheckpointError(f"{meta_path}: weights_file {meta['weights_file']!r} is not a weights file name")
     return meta
 
 
@@ -98,7 +130,7 @@ def read_tensors(path: str | Path, meta: dict[str, Any] | None = None) -> dict[s
 
     directory = checkpoint_dir(path)
     meta = read_meta(directory) if meta is None else meta
-    weights = directory / WEIGHTS
+    weights = directory / meta["weights_file"]
     if not weights.is_file():
         raise CheckpointError(f"{weights}: checkpoint weights not found")
     if sha256_file(weights) != meta["sha256"]:
@@ -158,6 +190,8 @@ def load_checkpoint(
     try:
         caps = Capabilities(**meta["capabilities"])
         model_cfg = from_dict(ModelConfig, meta["model"], "model")
+        if not all(isinstance(v, bool) for v in meta["capabilities"].values()):
+            raise TypeError("capabilities must be booleans")
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{directory / META}: invalid model description ({err})") from None
     model = build_model(
@@ -169,5 +203,5 @@ def load_checkpoint(
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).strip().splitlines()
-        raise CheckpointError(f"{directory / WEIGHTS}: weights do not fit the recorded model ({first[0]} ...)") from None
+        raise CheckpointError(f"{directory / meta['weights_file']}: weights do not fit the recorded model ({first[0]} ...)") from None
     return model.to(device).eval()

@@ -38,7 +38,7 @@ def _user_errors():
     from bench.datasets import DataError
     from bench.fid import WeightsError
 
-    return (UserError, ConfigError, CheckpointError, DataError, WeightsError, PermissionError, FileNotFoundError)
+    return (UserError, ConfigError, CheckpointError, DataError, WeightsError, PermissionError, FileNotFoundError, NotADirectoryError)
 
 
 def _parse_methods(text: str) -> tuple[str, ...]:
@@ -83,12 +83,13 @@ def _resolve_config(
     nfe: Optional[str],
     methods: Optional[str],
     checkpoints: Optional[list[str]] = None,
+    data_dir: Optional[Path] = None,
 ):
     """Profile defaults for the dataset, then the YAML file, then the command-line options."""
     from dataclasses import replace
 
-    from bench.config import apply_sweep_yaml, parse_nfe, read_sweep_yaml
-    from bench.datasets import dataset_class
+    from bench.config import ConfigError, apply_sweep_yaml, parse_nfe, read_sweep_yaml
+    from bench.datasets import dataset_class, get_dataset
     from bench.profiles import default_config
 
     data = {}
@@ -100,6 +101,7 @@ def _resolve_config(
             raise UserError(f"--dataset {dataset} contradicts dataset {data['dataset']!r} in {config}")
     name = dataset or data.get("dataset") or "checkerboard"
     dataset_class(str(name))
+    get_dataset(str(name), str(data_dir) if data_dir else None)  # missing data files fail here, first
     cfg = default_config(str(name), profile)
     if data:
         cfg = apply_sweep_yaml(str(config), data, cfg)
@@ -114,6 +116,13 @@ def _resolve_config(
             cfg = replace(cfg, methods=tuple(given))
     for name in [*cfg.methods, *cfg.method_options, *cfg.train_overrides, *cfg.checkpoints]:
         _parse_methods(name)
+    where = f"{config}: " if config is not None else ""
+    for name in cfg.methods:  # method options and training overrides fail now, naming the file
+        try:
+            cfg_method_config(cfg, name)
+            cfg.train_for(name)
+        except ConfigError as err:
+            raise ConfigError(f"{where}{err}") from None
     return cfg
 
 
@@ -135,7 +144,7 @@ def sweep(
 ) -> None:
     """Train what is missing, evaluate every method at every NFE, write results.csv and results.md."""
     try:
-        cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint)
+        cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir)
         from bench.env import resolve_device
         from bench.sweep import check_writable, run_sweep
 
@@ -163,6 +172,67 @@ def _reporter(quiet: bool):
     from bench.progress import RichReporter, SilentReporter
 
     return SilentReporter() if quiet else RichReporter()
+
+
+@app.command()
+def guide(
+    method: Annotated[str, typer.Option(help="A method with a divergence head, e.g. meanflow-f2d2.")],
+    eta: Annotated[str, typer.Option(help="Comma-separated Adam step sizes on the noise, e.g. 0.01,0.03,0.1.")],
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset name; default checkerboard.")] = None,
+    nfe: Annotated[Optional[str], typer.Option(help="Comma-separated numbers of sampling steps.")] = None,
+    prior: Annotated[bool, typer.Option(help="Keep -log p_0(x_0) in the objective (--no-prior: kappa D only).")] = True,
+    steps: Annotated[int, typer.Option(help="Adam steps on the noise (the paper: 1).")] = 1,
+    teacher_steps: Annotated[int, typer.Option(help="Also sample the teacher with this many Euler steps (0: skip).")] = 200,
+    config: Annotated[Optional[Path], typer.Option(help="YAML sweep file applied on top of the profile.")] = None,
+    profile: Annotated[str, typer.Option(help="Budget profile: default or ci.")] = "default",
+    out: Annotated[Path, typer.Option(help="Results root; outputs go to OUT/guidance/DATASET/.")] = Path("results"),
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint cache (default OUT/checkpoints, shared with sweep).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Where file-backed datasets live.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """Self-guidance: sample quality with and without one Adam step on the noise, per NFE and eta."""
+    try:
+        from dataclasses import replace
+
+        from baselines import get_method
+        from bench.env import resolve_device
+        from bench.sweep import TEACHER, check_writable, run_sweep
+
+        cfg = _resolve_config(
+            dataset, profile, config, nfe, f"{TEACHER},{method}" if method != TEACHER else TEACHER, None, data_dir
+        )
+        if not get_method(method).build(cfg_method_config(cfg, method)).capabilities.divergence_head:
+            raise UserError(f"{method} has no divergence head; self-guidance needs one (e.g. meanflow-f2d2)")
+        try:
+            etas = tuple(float(v) for v in eta.split(","))
+        except ValueError:
+            raise UserError(f"--eta must be comma-separated numbers, got {eta!r}") from None
+        cfg = replace(cfg, eval=replace(cfg.eval, guidance_etas=etas, guidance_prior=prior, guidance_steps=steps, teacher_steps=teacher_steps))
+        dev = resolve_device(device)
+        check_writable(out)
+        with _reporter(quiet) as reporter:
+            outcome = run_sweep(
+                cfg, out / "guidance", cache_dir=cache_dir or out / "checkpoints",
+                data_dir=str(data_dir) if data_dir else None, device=dev, reporter=reporter,
+            )
+        from bench.io import write_text
+        from bench.tables import guidance_table, rows_frame
+
+        text = guidance_table(rows_frame(outcome.rows))
+        write_text(outcome.out_dir / "guidance.md", text)
+    except (*_user_errors(), ValueError) as err:
+        _fail(str(err))
+    if not quiet:
+        typer.echo(text)
+        typer.echo(f"wrote {outcome.out_dir}/results.csv and guidance.md")
+
+
+def cfg_method_config(cfg, method: str):
+    from baselines import get_method
+    from bench.config import merge
+
+    return merge(get_method(method).config, cfg.options_for(method), f"method_options.{method}")
 
 
 @app.command()

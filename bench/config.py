@@ -98,6 +98,12 @@ class EvalConfig:
         backward: 'auto' (trained backward maps if the method has them), 'first_order' or 'trained'.
         num_repeats: wall-clock repeats (median reported). batch_size: evaluation chunk size.
         use_ema: evaluate the EMA weights.
+        use_best: evaluate the weights selected by train.select (if training kept any), else the last.
+        guidance_etas: self-guidance step sizes; for each, models with a divergence head also sample
+            from guided noise (rows of method NAME+guided@ETA). guidance_prior: keep -log p_0 in the
+            objective. guidance_steps: Adam steps on the noise (the paper: 1).
+        teacher_steps: if > 0, also the teacher's sample quality with this many Euler steps (the
+            many-step yardstick of the guidance comparison).
     """
 
     num_test: int = 2000
@@ -112,8 +118,15 @@ class EvalConfig:
     batch_size: int = 2000
     seed: int = 0
     use_ema: bool = True
+    use_best: bool = True
+    guidance_etas: tuple[float, ...] = ()
+    guidance_prior: bool = True
+    guidance_steps: int = 1
+    teacher_steps: int = 0
 
     def __post_init__(self) -> None:
+        if any(eta <= 0 for eta in self.guidance_etas) or self.guidance_steps < 1 or self.teacher_steps < 0:
+            raise ConfigError("eval.guidance_etas must be > 0, eval.guidance_steps >= 1, eval.teacher_steps >= 0")
         for name in ("num_test", "num_samples", "num_repeats", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")

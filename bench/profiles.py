@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from baselines import METHODS
 from bench.config import ConfigError, EvalConfig, ModelConfig, SweepConfig, TrainConfig
 
 PROFILES = ("default", "ci")
@@ -68,11 +69,14 @@ CIFAR10 = replace(
     train=TrainConfig(steps=400_000, batch_size=128, lr=2e-4, warmup_steps=5000),
 )
 
+# Regression tracking in CI: every method, tiny budgets, fixed seeds (a few minutes on 2 cores).
 CI_2D = replace(
     TOY_2D,
+    methods=tuple(METHODS),
     teacher_train=TrainConfig(steps=600, batch_size=1024, lr=2e-3, checkpoint_every=200),
-    train=TrainConfig(steps=600, batch_size=256, lr=2e-3, checkpoint_every=200),
-    eval=EvalConfig(num_test=500, num_samples=500, batch_size=500, num_repeats=3),
+    train=TrainConfig(steps=300, batch_size=256, lr=2e-3, checkpoint_every=100),
+    eval=EvalConfig(num_test=400, num_samples=400, batch_size=400, num_repeats=2),
+    figures=False,
 )
 
 _DEFAULTS = {

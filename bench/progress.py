@@ -35,20 +35,28 @@ class RichReporter(Reporter):
         self.tasks: dict[str, int] = {}
         self._queue = None
         self._manager = None
+        self._started = False
 
     def __enter__(self) -> RichReporter:
-        self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if self._started:  # a stopped-but-never-used Progress still prints a newline
+            self.progress.stop()
         if self._manager is not None:
             self._manager.shutdown()
 
+    def _start(self) -> None:
+        if not self._started:
+            self.progress.start()
+            self._started = True
+
     def stage(self, text: str) -> None:
+        self._start()
         self.progress.console.print(text, style="bold", markup=False, highlight=False)
 
     def train_progress(self, name: str, step: int, total: int, log: dict) -> None:
+        self._start()
         if name not in self.tasks:
             self.tasks[name] = self.progress.add_task(f"train {name}", total=total, loss=float("nan"))
         self.progress.update(self.tasks[name], completed=step, loss=log.get("loss", float("nan")))

@@ -34,7 +34,7 @@ def write_figures(outcome, dataset, sources: dict, arrays: dict[str, dict[str, T
             continue
         meta = read_meta(source.directory)
         if len(dataset.data_shape) == 1 and dataset.data_shape[0] == 2 and meta["capabilities"]["divergence_head"]:
-            model = load_checkpoint(source.directory, ema=cfg.eval.use_ema, device=device)
+            model = load_checkpoint(source.directory, ema=cfg.eval.use_ema, best=cfg.eval.use_best, device=device)
             paths += plots.density_figure(model, dataset, figures / f"density_{name}", nfe=cfg.nfe, grid_size=DENSITY_GRID)
         if meta.get("validation"):
             paths += plots.training_curves(

@@ -53,13 +53,15 @@ class SweepOutcome:
     quality_floor: dict = field(default_factory=dict)
     figures: list[str] = field(default_factory=list)
 
-def check_writable(path: Path) -> None:
-    """Fail early (before any training) if ``path`` cannot be created or written."""
-    probe = path
+def check_writable(path: Path, what: str = "output directory") -> None:
+    """Fail early (before any training) if directory ``path`` cannot be created or written."""
+    probe = Path(path)
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise PermissionError(f"output directory {path} is not writable")
+    if not probe.is_dir():
+        raise PermissionError(f"{what} {path} is not a directory" + ("" if probe == Path(path) else f" ({probe} is a file)"))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path} is not writable")
 
 @dataclass(frozen=True)
 class Provided:
@@ -109,7 +111,7 @@ def check_provided(provided: Provided, dataset) -> Provided:
     check_expected(meta, provided.directory / "checkpoint.json", method=provided.method, dataset=dataset.name)
     if tuple(meta["data_shape"]) != tuple(dataset.data_shape):
         raise CheckpointError(
-            f"{provided.directory}: checkpoint data shape {tuple(meta['data_shape'])} does not match "
+            f"{provided.directory / 'checkpoint.json'}: checkpoint data shape {tuple(meta['data_shape'])} does not match "
             f"{dataset.name} {tuple(dataset.data_shape)}"
         )
     load_checkpoint(provided.directory, method=provided.method, dataset=dataset.name)  # hash and weights
@@ -165,6 +167,7 @@ def run_sweep(
     out_dir = out_root / dataset.name
     check_writable(out_root)
     cache_dir = cache_dir or out_root / "checkpoints"
+    check_writable(cache_dir, "checkpoint cache")
     kappa = cfg.kappa if cfg.kappa is not None else dataset.kappa
     sigma_0 = cfg.sigma_0 if cfg.sigma_0 is not None else dataset.sigma_0
     outcome = SweepOutcome([], out_dir)
@@ -220,7 +223,7 @@ def evaluate_all(
             ctx = _context(cfg, dataset, teacher_job, device, cache_dir, inception_weights)
             outcome.quality_floor = _quality_floor(ctx)
         reporter.stage(f"evaluating {name} at NFE {', '.join(map(str, cfg.nfe))}")
-        model = load_checkpoint(job.directory, ema=cfg.eval.use_ema, device=device)
+        model = load_checkpoint(job.directory, ema=cfg.eval.use_ema, best=cfg.eval.use_best, device=device)
         rows, arrays[name] = evaluate_cell(name, model, ctx, cfg.nfe, ctx.teacher_ref if name == TEACHER else None)
         _write_cell(cells_dir / f"{name}.json", cells_dir / f"{name}.npz", key, rows, arrays[name])
         outcome.rows += rows
@@ -235,7 +238,7 @@ def _context(
     quality = quality_for(dataset, cache_dir, inception_weights, device)  # before the slow reference: fail early
     x_test = dataset.test_set(cfg.eval.num_test).to(device)
     noise = per_sample_noise(cfg.eval.num_samples, dataset.data_shape, cfg.eval.seed, device)
-    teacher = load_checkpoint(teacher_job.directory, ema=cfg.eval.use_ema, device=device)
+    teacher = load_checkpoint(teacher_job.directory, ema=cfg.eval.use_ema, best=cfg.eval.use_best, device=device)
     teacher_ref = reference(teacher, x_test, cfg.eval, device)
     return CellContext(dataset, x_test, noise, teacher_ref, cfg.eval, device, device_name(device), quality)
 

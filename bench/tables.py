@@ -17,7 +17,7 @@ from bench.cells import Row
 
 COLUMNS = [f.name for f in fields(Row)]
 INVALID_MARK = "†"
-LAYOUTS = ("wide", "paper", "backward", "long")
+LAYOUTS = ("wide", "paper", "backward", "guidance", "long")
 FORMATS = ("markdown", "latex", "csv")
 QUALITY_METRICS = ("fid", "fd_digits", "fd_mnist", "energy_distance")  # first present wins (lower is better)
 
@@ -56,7 +56,7 @@ def read_rows(path: str) -> pd.DataFrame:
         if column not in frame:
             frame[column] = "" if column in ("flag", "estimator", "device") else math.nan
     for column in ("flag", "estimator", "device"):
-        frame[column] = frame[column].fillna("").astype(str)
+        frame[column] = frame[column].astype(object).where(frame[column].notna(), "").astype(str)
     return frame
 
 
@@ -278,6 +278,39 @@ def backward_table(frame: pd.DataFrame, fmt_name: str = "markdown") -> str:
     return markdown(headers, body) + "\n\n" + caption + "\n"
 
 
+def guidance_table(frame: pd.DataFrame, fmt_name: str = "markdown") -> str:
+    """Rows = a method unguided and with each guidance step size (NAME+guided@ETA); columns =
+    sample quality at each NFE with the network calls (forward + backward) it cost; the teacher's
+    many-step value, if present, in the caption."""
+    quality = quality_metric(frame)
+    cells = lookup(frame)
+    guided = [m for m in methods_of(frame) if "+guided@" in m]
+    bases = list(dict.fromkeys(m.split("+guided@")[0] for m in guided))
+    labels = [label for base in bases for label in [base, *[m for m in guided if m.startswith(base + "+")]]]
+    nfe = sorted({k for (m, k, metric) in cells if m in labels and metric == quality})
+    records = []
+    for label in labels:
+        record = {"method": label}
+        for k in nfe:
+            q = cells.get((label, k, quality))
+            fwd, bwd = cells.get((label, k, "network_calls_forward")), cells.get((label, k, "network_calls_backward"))
+            record[f"{quality}@{k}"] = q.value if q else math.nan
+            record[f"calls@{k}"] = f"{fwd.value:.0f}+{bwd.value:.0f}" if fwd and bwd else "-"
+        records.append(record)
+    table = pd.DataFrame(records)
+    teacher = [(k, c) for (m, k, metric), c in cells.items() if m == "flow-matching" and metric == quality and k > max(nfe, default=0)]
+    caption = f"{quality} of samples (lower is better); calls = forward + backward network passes per sample."
+    if teacher:
+        k, c = max(teacher)
+        caption += f" Teacher with {k} Euler steps: {c.value:.4g}."
+    if fmt_name == "csv":
+        return table.to_csv(index=False)
+    body = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
+    if fmt_name == "latex":
+        return latex_table(list(table.columns), body, caption)
+    return markdown(list(table.columns), body) + "\n\n" + caption + "\n"
+
+
 def render(frame: pd.DataFrame, layout: str, fmt_name: str) -> str:
     """Dispatch on layout and format; both are validated by the caller's choices."""
     if layout == "long":
@@ -289,6 +322,8 @@ def render(frame: pd.DataFrame, layout: str, fmt_name: str) -> str:
         return paper_table(frame, fmt_name)
     if layout == "backward":
         return backward_table(frame, fmt_name)
+    if layout == "guidance":
+        return guidance_table(frame, fmt_name)
     if fmt_name != "markdown":
         raise ValueError("the wide layout renders as markdown only; use --layout long for csv/latex")
     return wide_markdown(frame)

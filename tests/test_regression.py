@@ -1,0 +1,40 @@
+"""CI regression tracking: the 'ci' sweep profile against the baseline committed under results/ci.
+
+The baseline is regenerated, deliberately, with
+    f2d2-bench sweep --profile ci --out results/ci --jobs 1
+On the machine kind that produced it (same CPU model and torch) the sweep is bit-for-bit
+reproducible and bench/check.py's default rules apply; elsewhere results/ci/rules.yaml allows for
+the ci profile's training noise (see that file).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+from bench.check import compare, failed, load_rules
+from bench.cli import app
+from bench.env import cpu_model
+from bench.tables import read_rows
+
+CI = Path(__file__).resolve().parent.parent / "results" / "ci"
+BASELINE = CI / "checkerboard" / "results.csv"
+
+
+def same_machine_kind(env: dict) -> bool:
+    return env.get("cpu_model") == cpu_model() and env["versions"].get("torch") == torch.__version__
+
+
+def test_ci_profile_matches_the_committed_baseline(tmp_path):
+    result = CliRunner().invoke(app, ["sweep", "--profile", "ci", "--out", str(tmp_path), "--jobs", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    env = json.loads((CI / "checkerboard" / "env.json").read_text())
+    rules = load_rules(None if same_machine_kind(env) else str(CI / "rules.yaml"))
+    baseline = read_rows(str(BASELINE))
+    report = compare(read_rows(str(tmp_path / "checkerboard" / "results.csv")), baseline, rules)
+    assert len(report) >= len(baseline) and (report["status"] != "missing").all()
+    bad = failed(report)
+    assert bad.empty, "regressions against results/ci:\n" + bad.to_string()
