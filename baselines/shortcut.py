@@ -38,11 +38,14 @@ class ShortcutConfig(MethodConfig):
         bootstrap_fraction: share of rows with the self-consistency target (kvfrans: 1/8 to 1/4).
         num_levels: number of step sizes, d in {1, ..., 2^-(num_levels - 1)} (7: down to 1/64).
         target_model: 'model' (the live weights) or 'ema' to build u*, D* under no_grad.
+        euler_smallest: build the smallest step's target from Euler half steps of the
+            instantaneous field (its half jumps are never trained), as Shortcut does.
     """
 
     bootstrap_fraction: float = 0.25
     num_levels: int = 7
     target_model: str = "model"
+    euler_smallest: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,17 +97,24 @@ class Shortcut(Method):
         # bootstrap rows: one jump of size d against two half jumps
         t, s = self.sample_steps(num_boot, generator, x1)
         x = interpolate(x0[:num_boot], x1[:num_boot], t)
-        boot = self.bootstrap_terms(model, x, t, s, ema if cfg.target_model == "ema" and ema is not None else model)
+        if cfg.target_model == "ema" and ema is None:
+            raise ValueError("target_model 'ema' needs the EMA model (the training loop passes it)")
+        boot = self.bootstrap_terms(model, x, t, s, ema if cfg.target_model == "ema" else model)
         terms = concat_rows((boot, num_boot), (diag, num - num_boot))
         return combine(terms, self.term_weights)
 
     def bootstrap_terms(self, model: FlowMap, x: Tensor, t: Tensor, s: Tensor, target_net: FlowMap) -> dict[str, Tensor]:
-        """L_u (and L_D) of the semigroup condition on rows (x, t, s) with midpoint r."""
+        """L_u (and L_D) of the semigroup condition on rows (x, t, s) with midpoint r.
+
+        The half jumps of the smallest step are never trained themselves, so they are taken as
+        Euler steps of the instantaneous field (s = t inputs), as Shortcut queries its
+        flow-matching level there."""
         r = 0.5 * (t + s)
+        smallest = ((s - t).abs() <= 0.5 ** (self.config.num_levels - 1) + 1e-9) & self.config.euler_smallest
         with torch.no_grad():
-            first = target_net(x, t, r)
+            first = target_net(x, t, torch.where(smallest, t, r))
             x_mid = x + batch_view(r - t, x) * first.u
-            second = target_net(x_mid, r, s)
+            second = target_net(x_mid, r, torch.where(smallest, r, s))
             u_target = 0.5 * (first.u + second.u)
         pred = model(x, t, s)
         terms = {VELOCITY_OFFDIAG: squared_norm(pred.u - u_target)}

@@ -56,6 +56,9 @@ class Units:
         """Multiplier from nats to this unit for differences (no offset)."""
         return 1.0 if self.levels is None else 1.0 / (self.num_dims * math.log(2.0))
 
+    def convert_value(self, nll_nats: float) -> float:
+        return float(self.convert(torch.tensor(nll_nats, dtype=torch.float64)))
+
 
 @dataclass
 class CellContext:
@@ -77,9 +80,10 @@ def nll_flag(mean: float, stderr: float, dataset: Dataset, units: Units) -> str:
     if not math.isfinite(mean):
         return "nonfinite"
     entropy = dataset.entropy()
-    if entropy is not None:
-        se = math.sqrt((stderr if math.isfinite(stderr) else 0.0) ** 2 + entropy.stderr**2)
-        return "invalid" if mean < entropy.nats - INVALID_SIGMAS * se else ""
+    if entropy is not None:  # compared in the unit of the NLL
+        floor, floor_se = units.convert_value(entropy.nats), entropy.stderr * units.scale()
+        se = math.sqrt((stderr if math.isfinite(stderr) else 0.0) ** 2 + floor_se**2)
+        return "invalid" if mean < floor - INVALID_SIGMAS * se else ""
     return "invalid" if units.name == "bpd" and mean < 0 else ""
 
 
@@ -117,7 +121,10 @@ def evaluate_cell(
         add(k, "calib_within", calib["within"], estimator=f"{fast.estimator}, |gap| <= {CALIBRATION_TOL[units.name]:g} {units.name}")
         per_sample[k] = fast.nll
         if entropy is not None:
-            add(k, f"entropy_{units.name}", entropy.nats, entropy.stderr, estimator="exact" if entropy.stderr == 0 else "monte-carlo")
+            add(k, f"entropy_{units.name}", units.convert_value(entropy.nats), entropy.stderr * units.scale(),
+                estimator="exact" if entropy.stderr == 0 else "monte-carlo")
+        if own.mc_stderr is not None:  # the reference's own Monte-Carlo noise, part of the calibration error
+            add(k, f"ref_mc_stderr_{units.name}", own.mc_stderr.mean().item() * units.scale(), estimator=own.estimator)
         add(k, "ref_nfe", own.nfe, estimator=own.estimator)
         add(k, "nll_wall_s", fast.wall_s, estimator=fast.estimator)
         add(k, "ref_wall_s", own.wall_s, estimator=own.estimator)

@@ -44,6 +44,7 @@ class Job:
     teacher_dir: str | None
     cache_root: str
     validation_nfe: tuple[int, ...] = (1, 2, 4, 8)
+    validation_estimator: str = "exact"
 
     def identity(self) -> dict:
         """What determines the trained weights (bookkeeping fields excluded)."""
@@ -51,6 +52,7 @@ class Job:
         teacher = read_meta(self.teacher_dir)["cache_key"] if self.teacher_dir else None
         if self.train.validate_every:
             train["validation_nfe"] = list(self.validation_nfe)
+            train["validation_estimator"] = self.validation_estimator
         return {
             "version": CACHE_VERSION,
             "dataset": self.dataset,
@@ -161,9 +163,11 @@ def run_job(job: Job, device: str = "cpu", progress: Progress | None = None, thr
     report = (lambda step, log: progress(job.method, step, job.train.steps, log)) if progress else None
     scorer = None
     if job.train.validate_every:
-        from bench.validation import Scorer
+        from bench.validation import Scorer, image_quality
 
-        scorer = Scorer(dataset, job.train.num_validation, job.validation_nfe, torch.device(device))
+        dev = torch.device(device)
+        quality = image_quality(dataset, job.cache_root, dev)
+        scorer = Scorer(dataset, job.train.num_validation, job.validation_nfe, dev, quality, job.validation_estimator)
     train(
         state, method, dataset.train_batch, job.train, teacher=teacher, progress=report,
         on_checkpoint=lambda s: _save(job, s, False), on_validate=scorer,

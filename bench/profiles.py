@@ -57,6 +57,8 @@ _IMAGES_GPU_EVAL = EvalConfig(
 )
 MNIST = replace(
     DIGITS,
+    # MeanFlow's published image recipe (logit-normal times, adaptive weight), Hutchinson targets
+    method_options={name: _HUTCHINSON_TRAINING for name in _F2D2_VARIANTS},
     model=ModelConfig(arch="unet", channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, div_pool="mlp"),
     teacher_train=TrainConfig(steps=100_000, batch_size=128, lr=2e-4, warmup_steps=2000),
     train=TrainConfig(steps=100_000, batch_size=128, lr=2e-4, warmup_steps=2000),

@@ -94,7 +94,7 @@ def plan_jobs(cfg: SweepConfig, dataset, data_dir: str | None, cache_dir: Path, 
         needs_teacher = spec.build(method_cfg).needs_teacher
         return Job(
             name, method_cfg, cfg.model, train_cfg, dataset.name, data_dir, kappa, sigma_0,
-            teacher_dir if needs_teacher else None, str(cache_dir), cfg.nfe,
+            teacher_dir if needs_teacher else None, str(cache_dir), cfg.nfe, cfg.eval.reference_estimator,
         )
 
     teacher = source(TEACHER, None)
@@ -221,12 +221,16 @@ def evaluate_all(
         if ctx is None:
             reporter.stage("exact-ODE reference of the teacher" + (" and sample-quality features" if dataset.levels else ""))
             ctx = _context(cfg, dataset, teacher_job, device, cache_dir, inception_weights)
-            outcome.quality_floor = _quality_floor(ctx)
         reporter.stage(f"evaluating {name} at NFE {', '.join(map(str, cfg.nfe))}")
         model = load_checkpoint(job.directory, ema=cfg.eval.use_ema, best=cfg.eval.use_best, device=device)
         rows, arrays[name] = evaluate_cell(name, model, ctx, cfg.nfe, ctx.teacher_ref if name == TEACHER else None)
         _write_cell(cells_dir / f"{name}.json", cells_dir / f"{name}.npz", key, rows, arrays[name])
         outcome.rows += rows
+    if dataset.levels:
+        from bench.fid import quality_for
+
+        quality = ctx.quality if ctx is not None else quality_for(dataset, cache_dir, inception_weights, device)
+        outcome.quality_floor = _quality_floor(quality, dataset, cfg.eval.num_samples, cfg.eval.seed)
     return arrays
 
 
@@ -243,16 +247,24 @@ def _context(
     return CellContext(dataset, x_test, noise, teacher_ref, cfg.eval, device, device_name(device), quality)
 
 
-def _quality_floor(ctx: CellContext) -> dict:
-    """The image metric of held-out test images themselves: the floor a perfect sampler reaches
-    with this many samples (None for 2D data)."""
-    if ctx.quality is None:
+def _quality_floor(quality, dataset, num: int, seed: int) -> dict:
+    """The image metric of held-out test images, resampled (with replacement, fixed seed) to as many
+    images as the samples are scored with: roughly the value a sampler of the true distribution
+    gets at this sample size (Frechet distances are biased upwards at small N). Empty for 2D data."""
+    if quality is None:
         return {}
-    rows = ctx.quality.levels_metrics(ctx.dataset.test_levels())
-    return {metric: {"value": value, "stderr": stderr, "estimator": est} for metric, value, stderr, est in rows}
+    levels = dataset.test_levels()
+    index = torch.randint(0, len(levels), (num,), generator=torch.Generator().manual_seed(seed))
+    rows = quality.levels_metrics(levels[index])
+    note = f"{len(levels)} test images resampled to {len(index)}"
+    return {metric: {"value": v, "stderr": se, "estimator": f"{est}; {note}"} for metric, v, se, est in rows}
+
+EVAL_VERSION = 2  # bump when evaluation code changes numbers, so cached cells are recomputed
+
 
 def _cell_key(cfg: SweepConfig, job: Source, teacher_job: Source) -> str:
     return stable_hash({
+        "version": EVAL_VERSION,
         "checkpoint": read_meta(job.directory)["sha256"],
         "teacher": read_meta(teacher_job.directory)["sha256"],
         "eval": to_dict(cfg.eval),

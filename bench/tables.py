@@ -81,7 +81,10 @@ def fmt(cell: Cell | None, digits: int = 3, stderr: bool = True) -> str:
         return "-"
     if not math.isfinite(cell.value):
         return "nan" if cell.flag == "nonfinite" or math.isnan(cell.value) else str(cell.value)
-    text = f"{cell.value:.{digits}f}" if digits > 0 else f"{cell.value:,.0f}"
+    if digits > 0:
+        text = f"{cell.value:.{digits}f}"
+    else:  # ratios such as the speed-up: 3 significant digits below 100
+        text = f"{cell.value:,.0f}" if abs(cell.value) >= 100 else f"{cell.value:.3g}"
     if stderr and digits > 0 and math.isfinite(cell.stderr) and cell.stderr > 0:
         text += f" ± {cell.stderr:.{digits}f}"
     return text
@@ -139,15 +142,40 @@ def quality_metric(frame: pd.DataFrame) -> str:
     raise ValueError("no sample-quality metric in these results")
 
 
-def ranks(values: dict[str, Cell], likelihood: bool) -> dict[str, int]:
-    """1 for the lowest valid finite value of a column, 2 for the second. Invalid values are not
-    ranked, nor, for likelihoods, naive estimates (not a likelihood of any model)."""
-    valid = sorted(
-        (c.value, m)
-        for m, c in values.items()
-        if c.flag == "" and math.isfinite(c.value) and (not likelihood or c.estimator.startswith("f2d2"))
-    )
-    return {m: i + 1 for i, (_, m) in enumerate(valid[:2])}
+TIE_SIGMAS = 2.0  # values closer than this many combined standard errors share a rank
+
+
+def ranks(values: dict[str, Cell], target: float | None = None) -> dict[str, int]:
+    """Rank 1 (bold) for the best valid value of a column and every value within TIE_SIGMAS
+    combined standard errors of it, rank 2 (underlined) for the best of the rest and its ties.
+
+    Sample quality: lower is better. Likelihoods (``target`` given): closer to ``target`` (the
+    teacher's exact NLL) is better, so an optimistic estimate below the truth is not rewarded;
+    only F2D2 estimates are ranked (a naive estimate is not the likelihood of any model) and
+    invalid values never are."""
+    def score(c: Cell) -> float:
+        return abs(c.value - target) if target is not None else c.value
+
+    pool = {
+        m: c for m, c in values.items()
+        if c.flag == "" and math.isfinite(c.value) and (target is None or c.estimator.startswith("f2d2"))
+    }
+    result: dict[str, int] = {}
+    for rank in (1, 2):
+        rest = {m: c for m, c in pool.items() if m not in result}
+        if not rest:
+            break
+        leader = min(rest, key=lambda m: score(rest[m]))
+        lead = rest[leader]
+        for m, c in rest.items():
+            se = math.hypot(_finite(c.stderr), _finite(lead.stderr))
+            if score(c) - score(lead) <= TIE_SIGMAS * se:
+                result[m] = rank
+    return result
+
+
+def _finite(x: float) -> float:
+    return x if isinstance(x, float) and math.isfinite(x) else 0.0
 
 
 def paper_table(frame: pd.DataFrame, fmt_name: str = "markdown", nfe: tuple[int, ...] | None = None) -> str:
@@ -161,8 +189,10 @@ def paper_table(frame: pd.DataFrame, fmt_name: str = "markdown", nfe: tuple[int,
     cells = lookup(frame)
     methods = [m for m in methods_of(frame) if not m.endswith(FORWARD_ONLY)]  # those belong to --layout backward
     columns = [(k, m) for k in nfe for m in (nll_metric, quality)]
+    teacher = frame.loc[frame["metric"] == f"nll_teacher_{unit}", "value"]
+    target = float(teacher.iloc[0]) if len(teacher) else None
     rank = {
-        (k, m): ranks({name: cells[(name, k, m)] for name in methods if (name, k, m) in cells}, m == nll_metric)
+        (k, m): ranks({name: cells[(name, k, m)] for name in methods if (name, k, m) in cells}, target if m == nll_metric else None)
         for k, m in columns
     }
     caption = paper_caption(frame, unit, quality)
@@ -207,7 +237,10 @@ def decorate(cell: Cell | None, digits: int, rank: int | None, fmt_name: str) ->
 def paper_caption(frame: pd.DataFrame, unit: str, quality: str) -> str:
     teacher = frame[frame["metric"] == f"nll_teacher_{unit}"]
     dataset = ", ".join(sorted(set(frame["dataset"])))
-    parts = [f"{dataset}: NLL ({unit}) and {quality} at each number of steps; lower is better for both."]
+    parts = [
+        f"{dataset}: few-step NLL ({unit}) and {quality} at each number of steps. NLL: closest to the "
+        f"teacher's exact NLL is best; {quality}: lower is best."
+    ]
     if len(teacher):
         row = teacher.iloc[0]
         parts.append(f"Teacher reference NLL {row.value:.3f} ± {row.stderr:.3f} {unit} ({row.estimator}).")
@@ -215,9 +248,10 @@ def paper_caption(frame: pd.DataFrame, unit: str, quality: str) -> str:
     if len(entropy):
         parts.append(f"True entropy {entropy.iloc[0].value:.3f} {unit}.")
     parts.append(
-        f"Best valid value bold, second underlined; invalid values ({INVALID_MARK}, grey in LaTeX) lie "
-        "below the true entropy by more than 3 standard errors or are negative bits/dim. Baselines "
-        "without a divergence head report the naive few-step likelihood, which is not ranked."
+        f"Best valid value bold, second underlined, values within {TIE_SIGMAS:g} combined standard errors "
+        f"of them share the mark; invalid values ({INVALID_MARK}, grey in LaTeX) lie below the true "
+        "entropy by more than 3 standard errors or are negative bits/dim. Baselines without a "
+        "divergence head report the naive few-step likelihood, which is not ranked."
     )
     return " ".join(parts)
 

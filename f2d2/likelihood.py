@@ -42,6 +42,8 @@ def resolve_backward(model: FlowMap, backward: Backward) -> Literal["trained", "
         return "trained" if model.capabilities.backward else "first_order"
     if backward not in ("trained", "first_order"):
         raise ValueError(f"unknown backward mode {backward!r}")
+    if backward == "trained" and not model.capabilities.backward:
+        raise ValueError("backward='trained' needs a model trained on s < t rows (bidirectional)")
     return backward
 
 

@@ -122,7 +122,10 @@ class FlowMap(nn.Module):
             s = t
         out = self.net(x, t, s)
         if not self.capabilities.divergence_head and out.div is not None:
-            out = FlowMapOutput(out.u)
+            return FlowMapOutput(out.u)
+        if out.div is not None and out.div.shape != (x.shape[0],):
+            # a (B, 1) head would silently broadcast to (B, B) in every likelihood update
+            raise ValueError(f"divergence head must have shape (B,) = ({x.shape[0]},), got {tuple(out.div.shape)}")
         return out
 
     def velocity(self, x: Tensor, t: Tensor | float) -> Tensor:
