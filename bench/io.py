@@ -11,6 +11,13 @@ from pathlib import Path
 from typing import Any
 
 
+def _default_mode() -> int:
+    """Permissions a plain ``open(path, "w")`` would give: 0o666 minus the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's directory; on success it is renamed onto ``path``."""
@@ -22,6 +29,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        # mkstemp creates 0600 files; give the result the permissions of an ordinary write.
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

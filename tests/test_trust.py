@@ -560,3 +560,27 @@ def test_check_missing_baseline_is_a_usage_error(reference, tmp_path):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0], result.stderr
     assert "Traceback" not in result.output and not (tmp_path / "nowhere").exists()
+
+
+def test_atomic_writes_get_ordinary_permissions_and_leave_nothing_on_failure(tmp_path):
+    """Results are renamed from mkstemp files (mode 0600); they must end with the mode an ordinary
+    write gives (0666 minus the umask), and a failed writer must leave neither target nor temp."""
+    from bench.io import write_text, write_with
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.md", "x\n")
+        assert (tmp_path / "a.md").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        write_text(tmp_path / "b.md", "y\n")
+        assert (tmp_path / "b.md").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+    def failing(path: Path) -> None:
+        path.write_text("half")
+        raise RuntimeError("writer failed")
+
+    with pytest.raises(RuntimeError, match="writer failed"):
+        write_with(tmp_path / "c.md", failing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.md", "b.md"]
