@@ -194,9 +194,13 @@ def nll_unit(frame: pd.DataFrame) -> str:
     raise ValueError(f"no NLL metric (nll_nats or nll_bpd) in this frame; metrics: {', '.join(sorted(metrics)) or 'none'}")
 
 
-def _colours(methods) -> dict[str, str]:
+def _colours(methods) -> dict[str, tuple]:
     """One colour per base method, so a method and its guided variant match."""
-    return {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(m.removesuffix(GUIDED_SUFFIX) for m in methods))}
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"].colors  # 20 distinct colours: all nine methods and their -fwd copies
+    bases = dict.fromkeys(m.removesuffix(GUIDED_SUFFIX) for m in methods)
+    return {m: palette[(2 * i) % 20 + (2 * i) // 20] for i, m in enumerate(bases)}
 
 
 def _first(frame: pd.DataFrame, metric: str, method: str | None = None) -> float | None:
@@ -227,11 +231,11 @@ def _log2_axis(ax: Axes, nfe) -> None:
 
 def _per_dataset(frame: pd.DataFrame, draw: Callable[[Axes, pd.DataFrame], None], out_stem: Path) -> list[Path]:
     datasets = list(dict.fromkeys(frame["dataset"]))
-    fig, axes = _figure(1, len(datasets), panel=(5.0, 3.8))
+    fig, axes = _figure(1, len(datasets), panel=(7.0, 3.8))
     for ax, name in zip(axes[0], datasets):
         ax.set_title(str(name), fontsize=9)  # before drawing, which may append a note
         draw(ax, frame[frame["dataset"] == name])
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(fig, out_stem)
 
 
