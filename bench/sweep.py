@@ -248,15 +248,18 @@ def _context(
 
 
 def _quality_floor(quality, dataset, num: int, seed: int) -> dict:
-    """The image metric of held-out test images, resampled (with replacement, fixed seed) to as many
-    images as the samples are scored with: roughly the value a sampler of the true distribution
-    gets at this sample size (Frechet distances are biased upwards at small N). Empty for 2D data."""
+    """The image metric of held-out test images: ``num`` distinct ones (a fixed random subset)
+    when the test split has that many, else all of them. This is roughly what a sampler of the
+    true distribution scores with ``num`` samples; with fewer test images than samples it is
+    biased upwards (Frechet distances grow as N shrinks) and is no lower bound. Test images are
+    never repeated: duplicates inflate the distance. Empty for 2D data."""
     if quality is None:
         return {}
     levels = dataset.test_levels()
-    index = torch.randint(0, len(levels), (num,), generator=torch.Generator().manual_seed(seed))
+    count = min(num, len(levels))
+    index = torch.randperm(len(levels), generator=torch.Generator().manual_seed(seed))[:count]
     rows = quality.levels_metrics(levels[index])
-    note = f"{len(levels)} test images resampled to {len(index)}"
+    note = f"{count} distinct test images" + (f" (fewer than the {num} samples: biased upwards)" if count < num else "")
     return {metric: {"value": v, "stderr": se, "estimator": f"{est}; {note}"} for metric, v, se, est in rows}
 
 EVAL_VERSION = 2  # bump when evaluation code changes numbers, so cached cells are recomputed

@@ -318,3 +318,27 @@ def test_unet_samples_do_not_interact(shape, mult):
     torch.testing.assert_close(out2.u[0], out.u[0], rtol=0, atol=0)
     torch.testing.assert_close(out2.div[0], out.div[0], rtol=0, atol=0)
     assert not torch.allclose(out2.u[1], out.u[1])
+
+
+def test_quality_floor_scores_distinct_test_images_only():
+    """Duplicated test images inflate a Frechet distance, so the floor never repeats one: it scores
+    `num` distinct images when the split has them, else the whole split, and says which."""
+    from bench.sweep import _quality_floor
+
+    class Split:
+        def __init__(self, n):
+            self.levels = torch.arange(n).reshape(n, 1)
+
+        def test_levels(self):
+            return self.levels
+
+    class DistinctCount:
+        def levels_metrics(self, levels):
+            return [("fd", float(len(torch.unique(levels))), float(len(levels)), "count")]
+
+    big = _quality_floor(DistinctCount(), Split(500), num=200, seed=0)["fd"]
+    assert (big["value"], big["stderr"]) == (200.0, 200.0)
+    assert big["estimator"] == "count; 200 distinct test images"
+    small = _quality_floor(DistinctCount(), Split(50), num=200, seed=0)["fd"]
+    assert (small["value"], small["stderr"]) == (50.0, 50.0) and "fewer than the 200 samples" in small["estimator"]
+    assert _quality_floor(None, Split(5), num=3, seed=0) == {}

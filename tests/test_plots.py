@@ -3,6 +3,7 @@ curve grouping) against hand arithmetic and closed forms, and that every figure 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -15,6 +16,7 @@ from bench.metrics import calibration_stats
 from bench.plots import (
     calibration_scatter,
     density_figure,
+    density_summary,
     grid_densities,
     nll_unit,
     nll_vs_nfe,
@@ -62,6 +64,9 @@ def analytic(**errors) -> FlowMap:
 
 
 def assert_written(paths, stem):
+    if paths[-1].suffix == ".json":  # density figures: their numbers beside them
+        assert json.loads(paths[-1].read_text())["panels"]
+        paths = paths[:-1]
     assert paths == [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")]
     png, pdf = (p.read_bytes() for p in paths)
     assert png.startswith(b"\x89PNG") and len(png) > 1000
@@ -93,6 +98,33 @@ def test_mass_check_sees_a_wrong_divergence_head():
     for k, panel in zip(NFE, grid.model):
         assert panel.mass == pytest.approx(math.exp(-KAPPA * e * (1 - 1 / k)), rel=0.01)
     assert grid.model[-1].mass < 0.5
+
+
+def test_density_summary_l1_and_support_against_closed_forms():
+    # exact map: the model density is the truth cell for cell; a head off by e scales it by
+    # c = exp(-kappa e (1 - 1/K)), so L1 = (1 - c) x true mass and all mass stays in the support
+    exact = density_summary(grid_densities(analytic(), GaussianData(), NFE, grid_size=120))
+    assert [p["l1_to_true"] for p in exact["panels"]] == pytest.approx([0.0] * 4, abs=1e-4)
+    e = 0.3
+    grid = grid_densities(analytic(div_error=e), GaussianData(), NFE, grid_size=120)
+    summary = density_summary(grid)
+    for k, panel in zip(NFE, summary["panels"]):
+        c = math.exp(-KAPPA * e * (1 - 1 / k))
+        assert panel["l1_to_true"] == pytest.approx((1 - c) * grid.true.mass, rel=1e-3, abs=1e-6)
+        assert panel["mass_in_support"] == pytest.approx(panel["mass"])
+        assert panel["label"] == f"K = {k}: F2D2 density"
+    assert summary["grid_size"] == 120 and summary["true_mass"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_mass_in_support_excludes_cells_the_truth_rules_out():
+    class HalfPlane(GaussianData):  # the Gaussian cut to x > 1 (unnormalised: only the support matters)
+        def log_prob(self, x):
+            return torch.where(x[:, 0] > 1.0, super().log_prob(x), torch.full_like(x[:, 0], -math.inf))
+
+    summary = density_summary(grid_densities(analytic(), HalfPlane(), (1,), grid_size=200))
+    panel = summary["panels"][0]
+    # the model is N(m, s^2 I): its mass at x > 1 = mean is one half
+    assert panel["mass_in_support"] == pytest.approx(0.5 * panel["mass"], abs=0.01)
 
 
 def test_model_without_divergence_head_shows_its_exact_ode_density(tmp_path):
