@@ -128,15 +128,18 @@ def density_summary(grid: DensityGrid) -> dict:
     """The figure's numbers per model panel: ``mass`` on the grid; with a true density,
     ``l1_to_true`` = sum |p_model - p_true| x cell area (0 for a perfect model, at most 2 for
     normalised densities) and ``mass_in_support``, the model's mass on cells whose centre the
-    true density gives positive probability."""
+    true density gives positive probability (left out when that is every cell, as for a Gaussian
+    mixture: it would repeat ``mass``)."""
     size = grid.model[0].density.shape[0]
     area = (2 * grid.extent / size) ** 2
+    support = None if grid.true is None else grid.true.density > 0
     panels = []
     for p in grid.model:
         entry = {"label": p.label.splitlines()[0], "mass": p.mass}
         if grid.true is not None:
             entry["l1_to_true"] = float(np.abs(p.density - grid.true.density).sum() * area)
-            entry["mass_in_support"] = float(p.density[grid.true.density > 0].sum() * area)
+            if not support.all():
+                entry["mass_in_support"] = float(p.density[support].sum() * area)
         panels.append(entry)
     return {"extent": grid.extent, "grid_size": size, "true_mass": grid.true.mass if grid.true else None, "panels": panels}
 
