@@ -12,7 +12,7 @@ STAMP := $(VENV)/.f2d2-bench-$(shell sha256sum pyproject.toml | cut -c1-16)
 BIN := $(VENV)/bin
 SWEEP_ARGS ?= --dataset checkerboard --nfe 1,2,4,8
 
-.PHONY: install sweep test test-slow bench bench-compare clean
+.PHONY: install sweep test test-slow bench bench-compare readme clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# Regenerate README.md's "Latest results" section from the files under results/.
+readme: $(STAMP)
+	$(BIN)/python -m bench.readme
 
 clean:
 	rm -rf .venv .pytest_cache .benchmarks
