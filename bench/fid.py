@@ -143,6 +143,12 @@ class SampleQuality:
         return self.levels_metrics(to_levels(samples_y.detach().cpu(), self.levels).to(torch.uint8))
 
 
+def uses_inception(dataset) -> bool:
+    """Whether :func:`quality_for` scores this dataset with Inception FID (RGB images >= 32 px)."""
+    shape = tuple(dataset.data_shape)
+    return len(shape) == 3 and bool(getattr(dataset, "levels", None)) and shape[0] == 3 and min(shape[1:]) >= INCEPTION_MIN_SIZE
+
+
 def quality_for(
     dataset,
     cache_dir: str | Path,
@@ -165,7 +171,7 @@ def quality_for(
     if len(shape) != 3 or not getattr(dataset, "levels", None):
         return None
     device = torch.device(device)
-    if shape[0] == 3 and min(shape[1:]) >= INCEPTION_MIN_SIZE:
+    if uses_inception(dataset):
         return _inception_quality(dataset, Path(cache_dir), inception_weights, device, num_reference, precomputed_dir)
     if shape[0] == 1:
         model, info = load_or_train_classifier(dataset, cache_dir)

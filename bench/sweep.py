@@ -164,6 +164,10 @@ def run_sweep(
     """Run a sweep end to end and write its outputs; returns the rows and where they went."""
     reporter = reporter or Reporter()
     dataset = get_dataset(cfg.dataset, data_dir)
+    from bench.fid import resolve_inception_weights, uses_inception
+
+    if uses_inception(dataset):  # a missing weights file fails now, not after hours of training
+        resolve_inception_weights(inception_weights)
     out_dir = out_root / dataset.name
     check_writable(out_root)
     cache_dir = cache_dir or out_root / "checkpoints"

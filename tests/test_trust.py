@@ -274,6 +274,23 @@ def missing_data(tmp: Path, request) -> tuple:
     return ["--dataset", "mnist", "--data-dir", str(data)], [str(data / "mnist"), "train-images-idx3-ubyte"]
 
 
+def missing_inception_weights(tmp: Path, request) -> tuple:
+    from test_images import write_cifar  # the real CIFAR-10 archive format, in miniature
+
+    data, weights, config = tmp / "data", tmp / "weights" / "inception-2015-12-05.pt", tmp / "sweep.yaml"
+    data.mkdir()
+    write_cifar(data, as_archive=True)
+    # a tiny model and budget: should the check move after training again, this fails in
+    # seconds ("files were written") instead of training a GPU-sized UNet on the CPU
+    config.write_text(
+        "methods: [flow-matching]\nmodel: {channels: 8, channel_mult: [1]}\n"
+        "teacher_train: {steps: 2, batch_size: 4, warmup_steps: 1}\n"
+    )
+    args = ["--dataset", "cifar10", "--config", str(config), "--nfe", "1", "--data-dir", str(data),
+            "--inception-weights", str(weights)]
+    return args, [str(weights), "--inception-weights"]
+
+
 def out_is_file(tmp: Path, request) -> tuple:
     out = tmp / "results"
     out.write_text("not a directory\n")
@@ -338,6 +355,7 @@ CASES: dict[str, Callable] = {
     "yaml: unknown key": yaml_file("train: {stepz: 5}\n", "train.stepz"),
     "yaml: wrong type": yaml_file("train: {steps: many}\n", "train.steps"),
     "missing data dir": missing_data,
+    "missing inception weights": missing_inception_weights,  # before any training
     "out: unwritable dir": out_unwritable,
     "out: regular file": out_is_file,
     "cache dir: regular file": cache_is_file,
