@@ -251,6 +251,27 @@ def render(root: Path = ROOT) -> str:
             lambda frame: [f"Reference point for sample quality: {floor_text}." if floor_text else ""],
         ))
 
+    every_digits = results / "all" / "digits"
+    if (every_digits / "results.csv").exists():
+        frame = read_rows(str(every_digits / "results.csv"))
+        blocks.append(_block(
+            "All nine methods on digits (paper layout, calibration)",
+            [
+                "f2d2-bench sweep --dataset digits --nfe 1,2,4,8 --methods all --out results/all --cache-dir results/checkpoints",
+                "f2d2-bench table results/all/digits --layout paper --output results/all/digits/paper.md",
+                "f2d2-bench table results/all/digits --layout paper --format latex --output results/all/digits/paper.tex",
+            ],
+            [
+                run_line(every_digits),
+                f"`{_rel(every_digits / 'paper.md', root)}`:",
+                (every_digits / "paper.md").read_text().strip() if (every_digits / "paper.md").exists() else "",
+                f"Per-point calibration against each method's own Hutchinson reference (`{_rel(every_digits / 'results.csv', root)}`; "
+                "MAE in bits/dim, Spearman rank correlation, share of points within 0.01 bits/dim):",
+                calibration_table(frame),
+                f"The full wide table with timings: `{_rel(every_digits / 'results.md', root)}`.",
+            ],
+        ))
+
     guidance = results / "guidance" / "digits"
     if (guidance / "guidance.md").exists():
         frame = read_rows(str(guidance / "results.csv"))
