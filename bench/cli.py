@@ -162,10 +162,36 @@ def sweep(
         _fail(str(err))
     except ValueError as err:  # e.g. an unavailable device
         _fail(str(err))
+    except KeyboardInterrupt as err:
+        _interrupted(err)
     if not quiet:
         typer.echo((outcome.out_dir / "results.md").read_text())
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.stage_s.items())
         typer.echo(f"wrote {outcome.out_dir}/results.csv and results.md ({stages})")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or ``kill``'s stop request), raised where the main process is so
+    that it cleans up exactly as after Ctrl-C: training workers stopped, no temporary files."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupted(err: KeyboardInterrupt) -> None:
+    """Ctrl-C or SIGTERM: one line instead of a traceback, and the shell's status (128 + signal).
+    Every file is written by rename, so what is on disk is complete; finished checkpoints and
+    evaluation cells are reused by the rerun, an unfinished training resumes from its last save."""
+    import signal
+
+    what, signum = ("terminated", signal.SIGTERM) if isinstance(err, Terminated) else ("interrupted", signal.SIGINT)
+    typer.echo(
+        f"{what}: every file on disk is complete; rerun the same command to resume "
+        "(finished models and evaluation cells are reused)",
+        err=True,
+    )
+    raise typer.Exit(128 + signum)
 
 
 def _reporter(quiet: bool):
@@ -223,6 +249,8 @@ def guide(
         write_text(outcome.out_dir / "guidance.md", text)
     except (*_user_errors(), ValueError) as err:
         _fail(str(err))
+    except KeyboardInterrupt as err:
+        _interrupted(err)
     if not quiet:
         typer.echo(text)
         typer.echo(f"wrote {outcome.out_dir}/results.csv and guidance.md")
@@ -351,6 +379,9 @@ def main() -> None:
     from bench.env import quiet_known_warnings
 
     quiet_known_warnings()
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 
 

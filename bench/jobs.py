@@ -20,6 +20,7 @@ from baselines import get_method
 from bench.checkpoint import CheckpointError, load_checkpoint, prefixed, read_meta, read_tensors, save_checkpoint
 from bench.config import ModelConfig, TrainConfig, stable_hash, to_dict
 from bench.datasets import get_dataset
+from bench.io import remove_stale_temporaries
 from bench.models import build_model
 from bench.train import TrainState, init_state, train
 from f2d2.method import MethodConfig
@@ -149,6 +150,7 @@ def run_job(job: Job, device: str = "cpu", progress: Progress | None = None, thr
         torch.set_num_threads(threads)
     if job.status() == "complete":
         return job.directory
+    remove_stale_temporaries(job.directory)  # left by a run killed while it saved
     spec = get_method(job.method)
     method = spec.build(job.method_config)
     dataset = get_dataset(job.dataset, job.data_dir)
@@ -174,6 +176,46 @@ def run_job(job: Job, device: str = "cpu", progress: Progress | None = None, thr
     )
     _save(job, state, True)
     return job.directory
+
+
+def worker_init() -> None:
+    """Training workers ignore SIGINT: a Ctrl-C reaches the whole process group, and the parent
+    alone decides what happens (see :func:`train_in_workers`). Otherwise an interrupted worker
+    would report the interrupt as its job's result and start the next queued job."""
+    import signal
+
+    from bench.env import quiet_known_warnings
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    quiet_known_warnings()
+
+
+def train_in_workers(jobs: list[Job], workers: int, threads: int, progress: Progress | None, drain: Callable[[], None]) -> None:
+    """Train independent jobs in ``workers`` spawned processes. A job that fails lets the others
+    finish (their checkpoints are cached) before its error is raised. If the parent is stopped
+    (Ctrl-C, SIGTERM), queued jobs are cancelled and running ones terminated at once: their last
+    periodic checkpoint stays valid (every save is a rename) and the next run resumes from it;
+    temporary files of a save cut short are removed."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=worker_init)
+    try:
+        futures = {pool.submit(run_job, j, "cpu", progress, threads): j for j in jobs}
+        wait_for(futures, drain)
+    except BaseException:
+        # The executor has no public way to stop running calls before Python 3.14
+        # (terminate_workers); its process table is the documented-by-source alternative.
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in processes:
+            proc.terminate()
+        for proc in processes:
+            proc.join()
+        for job in jobs:
+            remove_stale_temporaries(job.directory)
+        raise
+    pool.shutdown()
 
 
 def wait_for(futures: dict, drain: Callable[[], None], poll_s: float = 0.2) -> None:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -24,10 +22,10 @@ from bench.cells import CellContext, Row, evaluate_cell, rows_from_json, rows_to
 from bench.checkpoint import CheckpointError, check_expected, checkpoint_dir, load_checkpoint, read_meta
 from bench.config import SweepConfig, merge, stable_hash, to_dict
 from bench.datasets import get_dataset
-from bench.env import device_name, environment, quiet_known_warnings
+from bench.env import device_name, environment
 from bench.evaluate import per_sample_noise, reference
 from bench.io import write_json, write_text, write_with
-from bench.jobs import Job, run_job, wait_for
+from bench.jobs import Job, run_job, train_in_workers
 
 TEACHER = "flow-matching"
 
@@ -132,9 +130,7 @@ def train_all(sources: dict[str, Source], device: torch.device, jobs: int, repor
     threads = max(1, torch.get_num_threads() // jobs)
     queue = reporter.queue()
     forward = _QueueProgress(queue) if queue is not None else None
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=quiet_known_warnings) as pool:
-        futures = {pool.submit(run_job, j, "cpu", forward, threads): j for j in rest}
-        wait_for(futures, reporter.drain)
+    train_in_workers(rest, jobs, threads, forward, reporter.drain)
     return [j.method for j in todo]
 
 

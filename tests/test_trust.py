@@ -454,7 +454,9 @@ def test_sigint_after_first_cell_leaves_complete_files_and_resumes_exactly(confi
     out = tmp_path / "B"
     cells = out / "checkerboard" / "cells"
     status = run_until(sweep_args(config, out), lambda: any(cells.glob("*.json")), signal.SIGINT, tmp_path)
-    assert status != 0 and not (out / "checkerboard" / "results.csv").exists(), "the sweep was not interrupted"
+    assert status == 130 and not (out / "checkerboard" / "results.csv").exists(), "the sweep was not interrupted"
+    said = (tmp_path / "stderr.txt").read_text()
+    assert "interrupted: every file on disk is complete; rerun the same command" in said and "Traceback" not in said, said
     found = audit(out)
     assert found["tmp"] == [] and found["broken"] == [], found
     assert len(found["checkpoints"]) == len(METHODS)
@@ -498,8 +500,83 @@ def test_sigkill_during_training_resumes_bit_for_bit(frequent_config, reference,
     assert_same_numbers(results(out), results(reference))
 
 
+def group_ends(pgid: int, within_s: float) -> bool:
+    """True once no process of the group is left (an exited helper may linger briefly as a
+    zombie until init reaps it); False if one is still there after ``within_s`` seconds."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_stopping_parallel_training_stops_every_worker(stop, tmp_path):
+    """A terminal Ctrl-C reaches the whole process group; a scheduler's SIGTERM reaches the main
+    process only. Either way, with two training workers and a third job queued, the sweep must
+    stop both workers where they are (their periodic checkpoints stay valid), never start the
+    queued job, and leave no process or temporary file behind."""
+    config = tmp_path / "three.yaml"
+    long_students = TINY_FREQUENT_CHECKPOINTS.replace(  # long enough that no student finishes first
+        "\ntrain: {steps: 150,", "\ntrain: {steps: 20000,"
+    ).replace("methods: [flow-matching, meanflow, meanflow-f2d2]", "methods: [flow-matching, meanflow, meanflow-f2d2, shortcut]")
+    assert "teacher_train: {steps: 150," in long_students and "\ntrain: {steps: 20000," in long_students
+    config.write_text(long_students)
+    out = tmp_path / "E"
+    args = [*sweep_args(config, out)[:-2], "--jobs", "2"]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(
+            [*CLI, *args], cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=err,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # in case ours is ignored
+        )
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (partial_checkpoint(out, "meanflow") and partial_checkpoint(out, "meanflow-f2d2")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail(f"sweep ended (status {proc.poll()}) before both workers saved a checkpoint")
+            time.sleep(POLL_S)
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            status = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the sweep did not stop within 120 s")
+    said = (tmp_path / "stderr.txt").read_text()
+    expected = {"ctrl-c": (130, "interrupted"), "sigterm": (143, "terminated")}[stop]
+    assert (status, said.strip().splitlines()[-1].split(":")[0]) == expected, said
+    assert "every file on disk is complete" in said and "Traceback" not in said, said
+    assert group_ends(proc.pid, within_s=30), "a process of the sweep outlived it"
+    found = audit(out)
+    assert found["tmp"] == [] and found["broken"] == [], found
+    state = {meta["method"]: meta["complete"] for meta in found["checkpoints"].values()}
+    assert state == {"flow-matching": True, "meanflow": False, "meanflow-f2d2": False}, state
+
+
 def sha256s(found: dict) -> dict[str, str]:
     return {name: meta["sha256"] for name, meta in found["checkpoints"].items()}
+
+
+def test_training_removes_what_a_killed_save_left(tmp_path):
+    """SIGKILL during a save leaves the save's temporary file (no cleanup can run); the next
+    training of that model deletes it and still reaches the uninterrupted weights."""
+    clean = train_in_process(tiny_job("checkerboard", tmp_path / "clean", steps=10, checkpoint_every=5))
+    job = tiny_job("checkerboard", tmp_path / "killed", steps=10, checkpoint_every=5)
+    job.directory.mkdir(parents=True)
+    stale = [job.directory / ".weights-0123456789abcdef.safetensors.k3j9x.tmp", job.directory / ".checkpoint.json.a8b2c.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a save")
+    keep = job.directory / "notes.txt"  # not ours to delete
+    keep.write_text("user file")
+    done = train_in_process(job)
+    assert not any(path.exists() for path in stale) and keep.read_text() == "user file"
+    assert json.loads((done / META).read_text())["sha256"] == json.loads((clean / META).read_text())["sha256"]
 
 
 def test_interrupt_between_the_two_checkpoint_files_stays_resumable(tmp_path, monkeypatch):
