@@ -2,6 +2,8 @@
 
 Errors a user can cause (bad options, unknown names, missing files, bad checkpoints or configs)
 print one line on stderr and exit with status 2, without a traceback and before writing anything.
+The option parser's own errors get the same one-line form in :func:`main` (the console script).
+Ctrl-C and SIGTERM print one line too and exit with 130 and 143.
 """
 
 from __future__ import annotations
@@ -382,8 +384,20 @@ def main() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _on_sigterm)
-    app()
+    command = typer.main.get_command(app)
+    try:
+        status = command.main(standalone_mode=False)
+    except typer.TyperException as err:  # the parser's usage errors: one line, as for our own
+        context = getattr(err, "ctx", None)
+        if type(err).__name__ != "NoArgsIsHelpError":  # a bare `f2d2-bench` has printed its help
+            where = f" (see '{context.command_path} --help')" if context is not None else ""
+            typer.echo(f"error: {err.format_message()}{where}", err=True)
+        raise SystemExit(getattr(err, "exit_code", EXIT_USAGE)) from None
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        raise SystemExit(1) from None
+    raise SystemExit(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

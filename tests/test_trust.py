@@ -387,10 +387,18 @@ def invoke(args: list[str], in_process: bool) -> tuple[int, str, str, str]:
     return done.returncode, done.stdout, done.stderr, ""
 
 
+# Errors the option parser itself finds. Only the console script formats them as one line
+# (bench.cli.main); typer's in-process runner keeps its own boxed format, so they run as processes.
+PARSER_CASES: dict[str, Callable] = {
+    "flag with a value": lambda tmp, request: (["--nfe", "1", "--quiet=maybe"], ["--quiet"]),
+    "unknown option": lambda tmp, request: (["--nfe", "1", "--nfee", "2"], ["--nfee"]),
+}
+
+
 def observe(case: str, tmp: Path, request, in_process: bool = True) -> Observed:
     """Run one bad-input case through the CLI (with its default progress output) and list every
     way it breaks the contract: status 2, one 'error: ' line naming the culprit, nothing written."""
-    built = CASES[case](tmp, request)
+    built = {**CASES, **PARSER_CASES}[case](tmp, request)
     extra, names, out = (*built, tmp / "out") if len(built) == 2 else built
     existed, before = out.exists(), snapshot(tmp)
     code, stdout, stderr, crash = invoke(["sweep", *extra, "--out", str(out), "--jobs", "1"], in_process)
@@ -418,7 +426,7 @@ def test_bad_input_one_error_line_exit_2_nothing_written(case, tmp_path, request
     assert not seen.problems, "\n".join([*seen.problems, f"stderr: {seen.stderr!r}"])
 
 
-@pytest.mark.parametrize("case", ["nfe=0", "checkpoint: other method"])
+@pytest.mark.parametrize("case", ["nfe=0", "checkpoint: other method", *PARSER_CASES])
 def test_bad_input_in_a_real_process(case, tmp_path, request):
     """A real process: no warnings or tracebacks leak onto stderr around the error line."""
     seen = observe(case, tmp_path, request, in_process=False)
