@@ -343,24 +343,34 @@ def _print_report(report) -> None:
 @app.command("methods")
 def list_methods() -> None:
     """List the registered methods and their capabilities."""
-    from rich.console import Console
     from rich.table import Table
 
     from baselines import METHODS
 
-    table = Table("method", "flow map", "div head", "backward", "teacher", "summary")
+    table = Table()
+    table.add_column("method", no_wrap=True)  # names are what users copy: never cut them
+    for header in ("flow map", "div head", "backward", "teacher", "summary"):
+        table.add_column(header)
     for name, spec in METHODS.items():
         method = spec.build()
         caps = method.capabilities
         yes = lambda b: "yes" if b else "-"  # noqa: E731
         table.add_row(name, yes(caps.flow_map), yes(caps.divergence_head), yes(caps.backward), yes(method.needs_teacher), spec.summary)
-    Console().print(table)
+    _listing_console().print(table)
+
+
+def _listing_console():
+    """A terminal's own width; piped or redirected output (rich's 80 columns) gets 120, so that
+    listings in logs and READMEs keep one line per entry."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal or "COLUMNS" in os.environ else Console(width=120)
 
 
 @app.command("datasets")
 def list_datasets() -> None:
     """List the registered datasets."""
-    from rich.console import Console
     from rich.table import Table
 
     from bench.datasets import DATASETS
@@ -369,7 +379,7 @@ def list_datasets() -> None:
     for name, cls in DATASETS.items():
         entropy = "-" if getattr(cls, "needs_files", False) else _entropy_text(cls())
         table.add_row(name, str(cls.data_shape), str(cls.levels or "-"), str(cls.sigma_0), str(cls.kappa), entropy)
-    Console().print(table)
+    _listing_console().print(table)
 
 
 def _entropy_text(dataset) -> str:
