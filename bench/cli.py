@@ -9,7 +9,6 @@ Ctrl-C and SIGTERM print one line too and exit with 130 and 143.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 

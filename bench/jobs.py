@@ -204,8 +204,8 @@ def train_in_workers(jobs: list[Job], workers: int, threads: int, progress: Prog
         futures = {pool.submit(run_job, j, "cpu", progress, threads): j for j in jobs}
         wait_for(futures, drain)
     except BaseException:
-        # The executor has no public way to stop running calls before Python 3.14
-        # (terminate_workers); its process table is the documented-by-source alternative.
+        # Before Python 3.14 (terminate_workers) the executor cannot stop running calls, so its
+        # worker processes are terminated directly.
         processes = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
         for proc in processes:

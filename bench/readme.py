@@ -193,6 +193,27 @@ def _sweep_block(title: str, commands: list[str], sweep_dir: Path, root: Path, e
     return _block(title, commands, parts)
 
 
+def _all_methods_block(
+    title: str, commands: list[str], sweep_dir: Path, root: Path, reference: str, mae_unit: str, tolerance: str,
+    tables: list[str] = (), extra: list[str] = (),
+) -> str:
+    """A --methods all sweep: the paper-layout table, further rendered tables (e.g. backward.md),
+    the calibration of every method against its own reference, then ``extra`` parts."""
+    frame = read_rows(str(sweep_dir / "results.csv"))
+    parts = [run_line(sweep_dir), entropy_line(frame)]
+    for name, caption in [("paper.md", " (the paper's Table layout; `paper.tex` is the same in LaTeX)"), *((t, "") for t in tables)]:
+        if (sweep_dir / name).exists():
+            parts += [f"`{_rel(sweep_dir / name, root)}`{caption}:", (sweep_dir / name).read_text().strip()]
+    parts += [
+        f"Per-point calibration of every method against {reference} (`{_rel(sweep_dir / 'results.csv', root)}`; "
+        f"{mae_unit}, Spearman rank correlation, share of points within {tolerance}):",
+        calibration_table(frame),
+        *extra,
+        f"The full wide table with timings: `{_rel(sweep_dir / 'results.md', root)}`.",
+    ]
+    return _block(title, commands, parts)
+
+
 def render(root: Path = ROOT) -> str:
     results = root / "results"
     blocks = []
@@ -213,8 +234,7 @@ def render(root: Path = ROOT) -> str:
 
     every = results / "all" / "checkerboard"
     if (every / "results.csv").exists():
-        frame = read_rows(str(every / "results.csv"))
-        blocks.append(_block(
+        blocks.append(_all_methods_block(
             "All nine methods on the checkerboard (paper layout, backward study, calibration)",
             [
                 "f2d2-bench sweep --dataset checkerboard --nfe 1,2,4,8 --out results/all --cache-dir results/checkpoints \\",
@@ -223,19 +243,8 @@ def render(root: Path = ROOT) -> str:
                 "f2d2-bench table results/all/checkerboard --layout paper --format latex --output results/all/checkerboard/paper.tex",
                 "f2d2-bench table results/all/checkerboard --layout backward --output results/all/checkerboard/backward.md",
             ],
-            [
-                run_line(every),
-                entropy_line(frame),
-                "`results/all/checkerboard/paper.md` (the paper's Table layout; `paper.tex` is the same in LaTeX):",
-                (every / "paper.md").read_text().strip() if (every / "paper.md").exists() else "",
-                "`results/all/checkerboard/backward.md`:",
-                (every / "backward.md").read_text().strip() if (every / "backward.md").exists() else "",
-                f"Per-point calibration of every method against its own exact NLL (`{_rel(every / 'results.csv', root)}`; "
-                "MAE in nats, Spearman rank correlation, share of points within 0.1 nats):",
-                calibration_table(frame),
-                density_table(every / "figures", root),
-                f"The full wide table with timings: `{_rel(every / 'results.md', root)}`.",
-            ],
+            every, root, "its own exact NLL", "MAE in nats", "0.1 nats", ["backward.md"],
+            [density_table(every / "figures", root)],
         ))
 
     digits = results / "digits"
@@ -253,23 +262,14 @@ def render(root: Path = ROOT) -> str:
 
     every_digits = results / "all" / "digits"
     if (every_digits / "results.csv").exists():
-        frame = read_rows(str(every_digits / "results.csv"))
-        blocks.append(_block(
+        blocks.append(_all_methods_block(
             "All nine methods on digits (paper layout, calibration)",
             [
                 "f2d2-bench sweep --dataset digits --nfe 1,2,4,8 --methods all --out results/all --cache-dir results/checkpoints",
                 "f2d2-bench table results/all/digits --layout paper --output results/all/digits/paper.md",
                 "f2d2-bench table results/all/digits --layout paper --format latex --output results/all/digits/paper.tex",
             ],
-            [
-                run_line(every_digits),
-                f"`{_rel(every_digits / 'paper.md', root)}`:",
-                (every_digits / "paper.md").read_text().strip() if (every_digits / "paper.md").exists() else "",
-                f"Per-point calibration against each method's own Hutchinson reference (`{_rel(every_digits / 'results.csv', root)}`; "
-                "MAE in bits/dim, Spearman rank correlation, share of points within 0.01 bits/dim):",
-                calibration_table(frame),
-                f"The full wide table with timings: `{_rel(every_digits / 'results.md', root)}`.",
-            ],
+            every_digits, root, "its own Hutchinson reference", "MAE in bits/dim", "0.01 bits/dim",
         ))
 
     guidance = results / "guidance" / "digits"

@@ -544,8 +544,9 @@ def test_stopping_parallel_training_stops_every_worker(stop, tmp_path):
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while not (partial_checkpoint(out, "meanflow") and partial_checkpoint(out, "meanflow-f2d2")):
             if proc.poll() is not None or time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail(f"sweep ended (status {proc.poll()}) before both workers saved a checkpoint")
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail(f"sweep ended (status {proc.wait()}) before both workers saved a checkpoint")
             time.sleep(POLL_S)
         if stop == "ctrl-c":
             os.killpg(proc.pid, signal.SIGINT)
