@@ -3,7 +3,10 @@
 Errors a user can cause (bad options, unknown names, missing files, bad checkpoints or configs)
 print one line on stderr and exit with status 2, without a traceback and before writing anything.
 The option parser's own errors get the same one-line form in :func:`main` (the console script).
-Ctrl-C and SIGTERM print one line too and exit with 130 and 143.
+Ctrl-C and SIGTERM print one line too and exit with 130 and 143, whatever exception the signal
+surfaced as: torch's C++ can turn the KeyboardInterrupt raised inside a tensor constructor into a
+ValueError ("could not determine the shape of object type ..."), so :func:`main` records every stop
+signal it receives and reports the stop, never the side effect.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class UserError(Exception):
 
 
 def _fail(message: str) -> None:
+    if _STOP_SIGNALS:  # an error caused by Ctrl-C / SIGTERM arriving mid-call is the stop, not bad input
+        _report_stop(_STOP_SIGNALS[0])
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(EXIT_USAGE)
 
@@ -176,23 +181,42 @@ class Terminated(KeyboardInterrupt):
     that it cleans up exactly as after Ctrl-C: training workers stopped, no temporary files."""
 
 
-def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
+_STOP_SIGNALS: list[int] = []  # the stop signals received so far (main installs the handler)
+_STOP_REPORTED: list[bool] = []
+
+
+def _on_stop_signal(signum, frame) -> None:
+    import signal
+
+    _STOP_SIGNALS.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _interrupted(err: KeyboardInterrupt) -> None:
-    """Ctrl-C or SIGTERM: one line instead of a traceback, and the shell's status (128 + signal).
+    import signal
+
+    _report_stop(_STOP_SIGNALS[0] if _STOP_SIGNALS else signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+
+
+def _report_stop(signum: int) -> None:
+    raise typer.Exit(_say_stopped(signum))
+
+
+def _say_stopped(signum: int) -> int:
+    """Ctrl-C or SIGTERM: one line instead of a traceback; returns the shell's status (128 + signal).
     Every file is written by rename, so what is on disk is complete; finished checkpoints and
     evaluation cells are reused by the rerun, an unfinished training resumes from its last save."""
     import signal
 
-    what, signum = ("terminated", signal.SIGTERM) if isinstance(err, Terminated) else ("interrupted", signal.SIGINT)
-    typer.echo(
-        f"{what}: every file on disk is complete; rerun the same command to resume "
-        "(finished models and evaluation cells are reused)",
-        err=True,
-    )
-    raise typer.Exit(128 + signum)
+    if not _STOP_REPORTED:
+        what = "terminated" if signum == signal.SIGTERM else "interrupted"
+        typer.echo(
+            f"{what}: every file on disk is complete; rerun the same command to resume "
+            "(finished models and evaluation cells are reused)",
+            err=True,
+        )
+        _STOP_REPORTED.append(True)
+    return 128 + signum
 
 
 def _reporter(quiet: bool):
@@ -392,7 +416,8 @@ def main() -> None:
     quiet_known_warnings()
     import signal
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _on_stop_signal)
     command = typer.main.get_command(app)
     try:
         status = command.main(standalone_mode=False)
@@ -403,8 +428,15 @@ def main() -> None:
             typer.echo(f"error: {err.format_message()}{where}", err=True)
         raise SystemExit(getattr(err, "exit_code", EXIT_USAGE)) from None
     except typer.Abort:
-        typer.echo("aborted", err=True)
-        raise SystemExit(1) from None
+        if not _STOP_SIGNALS:
+            typer.echo("aborted", err=True)
+            raise SystemExit(1) from None
+    except Exception:
+        if not _STOP_SIGNALS:
+            raise
+        status = None  # a stop signal surfaced as another exception (torch: ValueError): reported below
+    if _STOP_SIGNALS:  # also when typer turned an interrupt outside a command's handler into 130
+        raise SystemExit(_say_stopped(_STOP_SIGNALS[0]))
     raise SystemExit(status if isinstance(status, int) else 0)
 
 
