@@ -33,7 +33,7 @@ class UserError(Exception):
 
 def _fail(message: str) -> None:
     if _STOP_SIGNALS:  # an error caused by Ctrl-C / SIGTERM arriving mid-call is the stop, not bad input
-        _report_stop(_STOP_SIGNALS[0])
+        raise typer.Exit(_say_stopped(_STOP_SIGNALS[0]))
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(EXIT_USAGE)
 
@@ -195,10 +195,7 @@ def _on_stop_signal(signum, frame) -> None:
 def _interrupted(err: KeyboardInterrupt) -> None:
     import signal
 
-    _report_stop(_STOP_SIGNALS[0] if _STOP_SIGNALS else signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
-
-
-def _report_stop(signum: int) -> None:
+    signum = _STOP_SIGNALS[0] if _STOP_SIGNALS else signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
     raise typer.Exit(_say_stopped(signum))
 
 
