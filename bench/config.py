@@ -306,9 +306,37 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def key_dict(obj: Any) -> Any:
+    """:func:`to_dict` for cache keys: a dataclass field named in the class's ``KEY_OMITS_DEFAULT``
+    is left out while it holds its default, so adding an option to a config never changes the key of
+    (and never invalidates) the checkpoints and cells made before the option existed."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and not isinstance(obj, (Exact, Hutchinson)):
+        omit = getattr(type(obj), "KEY_OMITS_DEFAULT", ())
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.name in omit and value == _field_default(f):
+                continue
+            out[f.name] = key_dict(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [key_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): key_dict(v) for k, v in obj.items()}
+    return to_dict(obj)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
 def stable_hash(obj: Any, length: int = 12) -> str:
     """Hex digest of the canonical JSON of ``to_dict(obj)``: equal configs give equal keys."""
-    text = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(key_dict(obj), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 

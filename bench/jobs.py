@@ -18,7 +18,7 @@ import torch
 
 from baselines import get_method
 from bench.checkpoint import CheckpointError, load_checkpoint, prefixed, read_meta, read_tensors, save_checkpoint
-from bench.config import ModelConfig, TrainConfig, stable_hash, to_dict
+from bench.config import ModelConfig, TrainConfig, key_dict, stable_hash, to_dict
 from bench.datasets import get_dataset
 from bench.io import remove_stale_temporaries
 from bench.models import build_model
@@ -49,7 +49,7 @@ class Job:
 
     def identity(self) -> dict:
         """What determines the trained weights (bookkeeping fields excluded)."""
-        train = {k: v for k, v in to_dict(self.train).items() if k not in TrainConfig.BOOKKEEPING}
+        train = {k: v for k, v in key_dict(self.train).items() if k not in TrainConfig.BOOKKEEPING}
         teacher = read_meta(self.teacher_dir)["cache_key"] if self.teacher_dir else None
         if self.train.validate_every:
             train["validation_nfe"] = list(self.validation_nfe)
@@ -58,8 +58,8 @@ class Job:
             "version": CACHE_VERSION,
             "dataset": self.dataset,
             "method": self.method,
-            "method_config": to_dict(self.method_config),
-            "model": to_dict(self.model),
+            "method_config": key_dict(self.method_config),
+            "model": key_dict(self.model),
             "train": train,
             "kappa": self.kappa,
             "sigma_0": self.sigma_0,

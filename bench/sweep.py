@@ -20,7 +20,7 @@ from torch import Tensor
 from baselines import get_method
 from bench.cells import CellContext, Row, evaluate_cell, rows_from_json, rows_to_json
 from bench.checkpoint import CheckpointError, check_expected, checkpoint_dir, load_checkpoint, read_meta
-from bench.config import SweepConfig, merge, stable_hash, to_dict
+from bench.config import SweepConfig, key_dict, merge, stable_hash, to_dict
 from bench.datasets import get_dataset
 from bench.env import device_name, environment
 from bench.evaluate import per_sample_noise, reference
@@ -270,7 +270,7 @@ def _cell_key(cfg: SweepConfig, job: Source, teacher_job: Source) -> str:
         "version": EVAL_VERSION,
         "checkpoint": read_meta(job.directory)["sha256"],
         "teacher": read_meta(teacher_job.directory)["sha256"],
-        "eval": to_dict(cfg.eval),
+        "eval": key_dict(cfg.eval),
         "nfe": list(cfg.nfe),
     })
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
 
 from bench.config import (
@@ -87,3 +90,38 @@ def test_method_config_parses_estimator_strings():
         merge(spec.config, {"divergence": {"estimator": "magic"}})
     with pytest.raises(ConfigError, match="divergence"):
         merge(spec.config, {"divergence": {"target": "oracle"}})
+
+
+def test_an_option_added_later_keeps_old_cache_keys_while_at_its_default():
+    from bench.config import key_dict
+
+    @dataclasses.dataclass(frozen=True)
+    class Before:
+        steps: int = 5
+
+    @dataclasses.dataclass(frozen=True)
+    class After:
+        KEY_OMITS_DEFAULT: typing.ClassVar[tuple[str, ...]] = ("precision",)
+        steps: int = 5
+        precision: str = "fp32"
+
+    assert stable_hash(After()) == stable_hash(Before())
+    assert stable_hash(After(precision="bf16")) != stable_hash(Before())
+    assert key_dict(After(precision="bf16")) == {"steps": 5, "precision": "bf16"}
+    assert to_dict(After()) == {"steps": 5, "precision": "fp32"}  # the resolved config still shows it
+
+
+KNOWN_TEACHER_KEY = "543355e7c86f"  # results/checkpoints/checkerboard/flow-matching-543355e7c86f
+
+
+def test_committed_checkpoint_keys_are_stable():
+    """The cache key of the default checkerboard teacher: a change here silently retrains every model
+    (and orphans every cached checkpoint), so it must be deliberate (bump CACHE_VERSION)."""
+    from baselines import get_method
+    from bench.jobs import Job
+    from bench.profiles import default_config
+
+    cfg = default_config("checkerboard")
+    job = Job("flow-matching", get_method("flow-matching").config, cfg.model, cfg.teacher_train, "checkerboard",
+              None, 10.0, 2.31, None, "/nonexistent")
+    assert job.key == KNOWN_TEACHER_KEY
