@@ -1,6 +1,8 @@
-# Two commands do all set-up on a fresh machine:
-#   make sweep   creates .venv, installs f2d2-bench, runs the main job on the embedded default
+# Two commands do all set-up on a fresh machine, in either order:
+#   make sweep   creates .venv, installs f2d2-bench, runs the main job on the embedded default (writes runs/,
+#                which git ignores: it never touches the committed results/)
 #   make test    creates .venv, installs f2d2-bench with its test extra, runs the default test suite
+# make results regenerates the committed results/ and README's results section, deliberately (hours on CPU).
 # VENV may point elsewhere (CI keeps it outside the clone). VENV_FLAGS=--system-site-packages
 # lets the environment reuse a torch you already have instead of installing one.
 
@@ -12,7 +14,7 @@ STAMP := $(VENV)/.f2d2-bench-$(shell sha256sum pyproject.toml | cut -c1-16)
 BIN := $(VENV)/bin
 SWEEP_ARGS ?= --dataset checkerboard --nfe 1,2,4,8
 
-.PHONY: install sweep test test-slow bench bench-compare readme clean
+.PHONY: install sweep test test-slow bench bench-compare readme results clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -32,6 +34,12 @@ test-slow: $(STAMP)
 
 # Regenerate README.md's "Latest results" section from the files under results/.
 readme: $(STAMP)
+	$(BIN)/python -m bench.readme
+
+# Regenerate every committed result, each with the command README.md names for it, then the README
+# section. Checkpoints are cached under results/checkpoints (ignored by git): a rerun only evaluates.
+results: $(STAMP)
+	$(BIN)/python -m bench.readme --commands | while read -r cmd; do echo "+ $$cmd"; PATH="$(BIN):$$PATH" sh -c "$$cmd" || exit 1; done
 	$(BIN)/python -m bench.readme
 
 clean:

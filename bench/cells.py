@@ -15,13 +15,12 @@ from torch import Tensor
 
 from bench.config import EvalConfig
 from bench.datasets import Dataset
-from bench.evaluate import Likelihood, draw_samples, few_step, mean_stderr, reference
-from f2d2.sampling import sample
-from bench.metrics import CALIBRATION_TOL, calibration_stats, energy_distance_estimate, share_estimate
+from bench.measure import Likelihood, draw_samples, few_step, mean_stderr, reference
+from bench.flags import nll_flag
+from bench.metrics import CALIBRATION_TOL, calibration_floor, calibration_stats, energy_distance_estimate, share_estimate
 from f2d2.model import FlowMap
+from f2d2.sampling import sample
 from f2d2.units import bits_per_dim
-
-INVALID_SIGMAS = 3.0  # an NLL this many standard errors below the true entropy is invalid
 
 
 @dataclass(frozen=True)
@@ -61,87 +60,148 @@ class Units:
 
 
 @dataclass
-class CellContext:
-    """What every cell of a sweep shares: data, noise, the teacher's reference and the units."""
+class EvalContext:
+    """What every evaluation of a sweep shares: data, noise, the teacher's reference (None when no
+    teacher is given or the nll group is off), the sample-quality evaluator, and the metric groups."""
 
     dataset: Dataset
     x_test: Tensor
     noise: Tensor
-    teacher_ref: Likelihood
+    teacher_ref: Likelihood | None
     cfg: EvalConfig
     device: torch.device
     device_label: str
     quality: Any = None  # bench.fid.SampleQuality for images; None: energy distance (2D data)
     teacher_name: str = "flow-matching"
+    groups: frozenset[str] = frozenset({"nll", "calibration", "quality", "timing"})
+    teacher_model: Any = None  # the FlowMap behind teacher_ref: its own reference is not solved twice
 
 
-def nll_flag(mean: float, stderr: float, dataset: Dataset, units: Units) -> str:
-    """'invalid' below the true entropy (by > 3 standard errors) or a negative bpd; 'nonfinite' for NaN."""
-    if not math.isfinite(mean):
-        return "nonfinite"
-    entropy = dataset.entropy()
-    if entropy is not None:  # compared in the unit of the NLL
-        floor, floor_se = units.convert_value(entropy.nats), entropy.stderr * units.scale()
-        se = math.sqrt((stderr if math.isfinite(stderr) else 0.0) ** 2 + floor_se**2)
-        return "invalid" if mean < floor - INVALID_SIGMAS * se else ""
-    return "invalid" if units.name == "bpd" and mean < 0 else ""
+CellContext = EvalContext  # the name used before the Python evaluation API existed
+
+
+class RowSink(list):
+    """Rows of one method, with the columns every row of it shares."""
+
+    def __init__(self, ctx: EvalContext, name: str) -> None:
+        super().__init__()
+        self.ctx, self.name = ctx, name
+
+    def add(self, k: int, metric: str, value: float, stderr: float = math.nan, flag: str = "", estimator: str = "",
+            points: int | None = None) -> None:
+        num = len(self.ctx.x_test) if points is None else points
+        self.append(Row(self.ctx.dataset.name, self.name, k, metric, float(value), stderr, flag, estimator, num, self.ctx.device_label))
 
 
 def evaluate_cell(
-    name: str, model: FlowMap, ctx: CellContext, nfe: tuple[int, ...], own_ref: Likelihood | None = None
+    name: str, model: FlowMap, ctx: EvalContext, nfe: tuple[int, ...], own_ref: Likelihood | None = None
 ) -> tuple[list[Row], dict[str, Tensor]]:
-    """All rows for one method (references, few-step NLL, calibration, samples and timings at
-    each NFE) and the per-point NLLs in nats ('ref' and one entry per NFE) for calibration plots."""
-    units, ds, cfg = Units(ctx.dataset), ctx.dataset, ctx.cfg
-    n = len(ctx.x_test)
-    own = own_ref if own_ref is not None else reference(model, ctx.x_test, cfg, ctx.device)
-    rows: list[Row] = []
-    per_sample: dict[int, Tensor] = {}
-
-    def add(k: int, metric: str, value: float, stderr: float = math.nan, flag: str = "", estimator: str = "", points: int = n) -> None:
-        rows.append(Row(ds.name, name, k, metric, value, stderr, flag, estimator, points, ctx.device_label))
-
-    def add_nll(k: int, metric: str, lik: Likelihood) -> None:
-        mean, se = mean_stderr(units.convert(lik.nll))
-        add(k, metric, mean, se, nll_flag(mean, se, ds, units), lik.estimator)
-
-    entropy = ds.entropy()
+    """All rows of one method in the context's metric groups (METHOD.md Sec. 4) and its per-point
+    NLLs in nats ('ref' and 'nfe<K>', empty without likelihood groups) for calibration figures.
+    ``own_ref``: the model's exact-ODE reference if already computed (the teacher's)."""
+    groups, cfg = ctx.groups, ctx.cfg
+    rows = RowSink(ctx, name)
+    arrays: dict[str, Tensor] = {}
+    own = None
+    if groups & {"nll", "calibration", "timing"}:
+        own = own_ref if own_ref is not None else reference(model, ctx.x_test, cfg, ctx.device)
+        arrays["ref"] = own.nll.detach().cpu()
+    timing = "timing" in groups
     for k in nfe:
-        fast = few_step(model, ctx.x_test, k, cfg, ctx.device)
-        add_nll(k, f"nll_{units.name}", fast)
-        if fast.estimator == "f2d2-trained":  # the same model through the first-order approximation
-            add_nll(k, f"nll_first_order_{units.name}", few_step(model, ctx.x_test, k, cfg, ctx.device, "first_order"))
-        add_nll(k, f"nll_ref_{units.name}", own)
-        add_nll(k, f"nll_teacher_{units.name}", ctx.teacher_ref)
-        gap, gap_se = mean_stderr(fast.nll - own.nll)
-        add(k, f"nll_gap_{units.name}", gap * units.scale(), gap_se * units.scale(), estimator=fast.estimator)
-        calib = calibration_stats(units.convert(fast.nll).cpu().numpy(), units.convert(own.nll).cpu().numpy(), units.name)
-        add(k, f"calib_mae_{units.name}", calib["mae"], estimator=fast.estimator)
-        add(k, "calib_spearman", calib["spearman"], estimator=fast.estimator)
-        add(k, "calib_within", calib["within"], estimator=f"{fast.estimator}, |gap| <= {CALIBRATION_TOL[units.name]:g} {units.name}")
-        per_sample[k] = fast.nll
-        if entropy is not None:
-            add(k, f"entropy_{units.name}", units.convert_value(entropy.nats), entropy.stderr * units.scale(),
-                estimator="exact" if entropy.stderr == 0 else "monte-carlo")
-        if own.mc_stderr is not None:  # the reference's own Monte-Carlo noise, part of the calibration error
-            add(k, f"ref_mc_stderr_{units.name}", own.mc_stderr.mean().item() * units.scale(), estimator=own.estimator)
-        add(k, "ref_nfe", own.nfe, estimator=own.estimator)
-        add(k, "nll_wall_s", fast.wall_s, estimator=fast.estimator)
-        add(k, "ref_wall_s", own.wall_s, estimator=own.estimator)
-        add(k, "nll_speedup", own.wall_s / fast.wall_s, estimator=fast.estimator)
-        samples = draw_samples(model, ctx.noise, k, cfg, ctx.device)
-        add(k, "sample_wall_s", samples.wall_s, points=len(ctx.noise))
-        rows += sample_quality_rows(name, k, samples.x, ctx)
-        if cfg.guidance_etas and model.capabilities.divergence_head:
-            add(k, "network_calls_forward", k, points=len(ctx.noise))
-            add(k, "network_calls_backward", 0, points=len(ctx.noise))
+        if own is not None:
+            arrays[f"nfe{k}"] = likelihood_rows(rows, model, k, own)
+        if groups & {"quality", "timing"}:
+            samples = draw_samples(model, ctx.noise, k, cfg, ctx.device, timing=timing)
+            if timing:
+                rows.add(k, "sample_wall_s", samples.wall_s, points=len(ctx.noise))
+            if "quality" in groups:
+                rows += sample_quality_rows(name, k, samples.x, ctx)
+        if "guidance" in groups and model.capabilities.divergence_head:
+            rows.add(k, "network_calls_forward", k, points=len(ctx.noise))
+            rows.add(k, "network_calls_backward", 0, points=len(ctx.noise))
             rows += guided_rows(name, model, k, ctx)
-    if name == ctx.teacher_name and cfg.teacher_steps:
-        many = draw_samples(model, ctx.noise, cfg.teacher_steps, cfg, ctx.device)
-        add(cfg.teacher_steps, "sample_wall_s", many.wall_s, points=len(ctx.noise))
+    if "mass" in groups:
+        from bench.mass import mass_rows
+
+        mass_rows(rows, model, nfe)
+    if name == ctx.teacher_name and cfg.teacher_steps and groups & {"quality", "guidance"}:
+        many = draw_samples(model, ctx.noise, cfg.teacher_steps, cfg, ctx.device, timing=timing)
+        if timing:
+            rows.add(cfg.teacher_steps, "sample_wall_s", many.wall_s, points=len(ctx.noise))
         rows += sample_quality_rows(name, cfg.teacher_steps, many.x, ctx)
-    arrays = {"ref": own.nll.detach().cpu()} | {f"nfe{k}": v.detach().cpu() for k, v in per_sample.items()}
-    return rows, arrays
+    return list(rows), arrays
+
+
+def likelihood_rows(rows: RowSink, model: FlowMap, k: int, own: Likelihood) -> Tensor:
+    """The nll / calibration / timing rows at NFE k; returns the per-point few-step NLL (nats)."""
+    ctx = rows.ctx
+    groups, cfg, units = ctx.groups, ctx.cfg, Units(ctx.dataset)
+    fast = few_step(model, ctx.x_test, k, cfg, ctx.device, timing="timing" in groups)
+    if "nll" in groups:
+        nll_rows(rows, model, k, fast, own)
+    if "calibration" in groups:
+        calibration_rows(rows, k, fast, own)
+    if "timing" in groups:
+        rows.add(k, "nll_wall_s", fast.wall_s, estimator=fast.estimator)
+        rows.add(k, "ref_wall_s", own.wall_s, estimator=own.estimator)
+        rows.add(k, "nll_speedup", own.wall_s / fast.wall_s, estimator=fast.estimator)
+    return fast.nll.detach().cpu()
+
+
+def nll_rows(rows: RowSink, model: FlowMap, k: int, fast: Likelihood, own: Likelihood) -> None:
+    """Few-step NLL (flagged invalid or optimistic), its first-order twin, the references, the
+    paired gap and its split into map and head parts, the entropy and the reference's cost."""
+    ctx = rows.ctx
+    units, ds = Units(ctx.dataset), ctx.dataset
+    entropy = ds.entropy()
+    floor = (units.convert_value(entropy.nats), entropy.stderr * units.scale()) if entropy is not None else (None, 0.0)
+
+    def add_nll(metric: str, lik: Likelihood, paired: bool) -> None:
+        mean, se = mean_stderr(units.convert(lik.nll))
+        gap, gap_se = mean_stderr(lik.nll - own.nll) if paired else (None, math.nan)
+        flag = nll_flag(
+            mean, se, unit=units.name, num_dims=ds.num_dims, entropy=floor[0], entropy_stderr=floor[1],
+            gap=None if gap is None else gap * units.scale(), gap_stderr=gap_se * units.scale(),
+        )
+        rows.add(k, metric, mean, se, flag, lik.estimator)
+
+    add_nll(f"nll_{units.name}", fast, paired=True)
+    if fast.estimator == "f2d2-trained":  # the same model through the first-order approximation
+        first = few_step(model, ctx.x_test, k, ctx.cfg, ctx.device, "first_order", timing=False)
+        add_nll(f"nll_first_order_{units.name}", first, paired=True)
+    add_nll(f"nll_ref_{units.name}", own, paired=False)
+    if ctx.teacher_ref is not None:
+        add_nll(f"nll_teacher_{units.name}", ctx.teacher_ref, paired=False)
+    gap = fast.nll - own.nll
+    mean, se = mean_stderr(gap)
+    rows.add(k, f"nll_gap_{units.name}", mean * units.scale(), se * units.scale(), estimator=fast.estimator)
+    # gap = -(log p_0(x0_few) - log p_0(x0_ref)) + (A_few - A_ref): where the map lands + what the head adds up
+    landing = -(model.prior_log_prob(fast.x0) - model.prior_log_prob(own.x0)).detach().cpu()
+    for metric, part, what in (("nll_gap_map", landing, "-(log p_0(few-step endpoint) - log p_0(exact endpoint))"),
+                               ("nll_gap_head", gap.cpu() - landing, "accumulated divergence, few-step minus exact")):
+        mean, se = mean_stderr(part)
+        rows.add(k, f"{metric}_{units.name}", mean * units.scale(), se * units.scale(), estimator=f"{fast.estimator}: {what}")
+    if entropy is not None:
+        rows.add(k, f"entropy_{units.name}", floor[0], floor[1], estimator="exact" if entropy.stderr == 0 else "monte-carlo")
+    if own.mc_stderr is not None:  # the reference's own Monte-Carlo noise, part of the calibration error
+        rows.add(k, f"ref_mc_stderr_{units.name}", own.mc_stderr.mean().item() * units.scale(), estimator=own.estimator)
+    rows.add(k, "ref_nfe", own.nfe, estimator=own.estimator)
+
+
+def calibration_rows(rows: RowSink, k: int, fast: Likelihood, own: Likelihood) -> None:
+    """Per-point agreement with the own reference, and the floor a perfect estimator would score
+    against that reference (its Monte-Carlo noise; 0 / 1 for an exact trace)."""
+    ctx = rows.ctx
+    units = Units(ctx.dataset)
+    ref = units.convert(own.nll).cpu().numpy()
+    calib = calibration_stats(units.convert(fast.nll).cpu().numpy(), ref, units.name)
+    noise = None if own.mc_noise is None else (own.mc_noise * units.scale()).cpu().numpy()
+    floor = calibration_floor(ref, noise, units.name)
+    tol = f"|gap| <= {CALIBRATION_TOL[units.name]:g} {units.name}"
+    floor_note = f"a perfect estimator against the {own.estimator} reference"
+    for metric, key, extra in ((f"calib_mae_{units.name}", "mae", ""), ("calib_spearman", "spearman", ""), ("calib_within", "within", f", {tol}")):
+        rows.add(k, metric, calib[key], estimator=fast.estimator + extra)
+        rows.add(k, metric.replace("calib_", "calib_floor_", 1), floor[key], estimator=floor_note + extra)
 
 
 def guided_rows(name: str, model: FlowMap, k: int, ctx: CellContext) -> list[Row]:

@@ -12,6 +12,7 @@ signal it receives and reports the stop, never the side effect.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 
 EXIT_USAGE = 2
+DEFAULT_OUT = "runs"  # ignored by git: a sweep never rewrites the committed results/ unless asked to
 
 
 class UserError(Exception):
@@ -69,13 +71,20 @@ def _parse_methods(text: str) -> tuple[str, ...]:
     return names
 
 
+ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
 def _parse_checkpoints(items: list[str]) -> dict[str, str]:
-    """METHOD=PATH pairs from repeated --checkpoint options."""
+    """METHOD=PATH or NAME=package.module:loader pairs from repeated --checkpoint options."""
+    from bench.loaders import is_loader_spec
+
     pairs = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name.strip() or not path.strip():
-            raise UserError(f"--checkpoint expects METHOD=PATH, got {item!r}")
+            raise UserError(f"--checkpoint expects METHOD=PATH or NAME=package.module:loader, got {item!r}")
+        if is_loader_spec(path.strip()) and not ROW_NAME.match(name.strip()):
+            raise UserError(f"--checkpoint {item!r}: row name {name.strip()!r} must be letters, digits and _ . + -")
         if name.strip() in pairs:
             raise UserError(f"--checkpoint given twice for {name.strip()}")
         pairs[name.strip()] = path.strip()
@@ -90,12 +99,15 @@ def _resolve_config(
     methods: Optional[str],
     checkpoints: Optional[list[str]] = None,
     data_dir: Optional[Path] = None,
+    shortcuts: Optional[dict] = None,
 ):
-    """Profile defaults for the dataset, then the YAML file, then the command-line options."""
+    """Profile defaults for the dataset, then the YAML file, then the command-line options
+    (``shortcuts``: --metrics, --num-test, --num-samples, --steps)."""
     from dataclasses import replace
 
     from bench.config import ConfigError, apply_sweep_yaml, parse_nfe, read_sweep_yaml
     from bench.datasets import dataset_class, get_dataset
+    from bench.loaders import is_loader_spec
     from bench.profiles import default_config
 
     data = {}
@@ -105,7 +117,7 @@ def _resolve_config(
         data = read_sweep_yaml(str(config))
         if dataset is not None and data.get("dataset", dataset) != dataset:
             raise UserError(f"--dataset {dataset} contradicts dataset {data['dataset']!r} in {config}")
-    name = dataset or data.get("dataset") or "checkerboard"
+    name = dataset if dataset is not None else data.get("dataset", "checkerboard")
     dataset_class(str(name))
     get_dataset(str(name), str(data_dir) if data_dir else None)  # missing data files fail here, first
     cfg = default_config(str(name), profile)
@@ -120,16 +132,57 @@ def _resolve_config(
         cfg = replace(cfg, checkpoints={**cfg.checkpoints, **given})
         if methods is None:  # evaluate exactly what was provided
             cfg = replace(cfg, methods=tuple(given))
+        else:  # rows named by a loader join the named methods
+            extra = tuple(n for n, spec in given.items() if is_loader_spec(spec) and n not in cfg.methods)
+            cfg = replace(cfg, methods=cfg.methods + extra)
+    cfg = _apply_shortcuts(cfg, shortcuts or {})
+    loaders = {n for n, spec in cfg.checkpoints.items() if is_loader_spec(spec)}
     for name in [*cfg.methods, *cfg.method_options, *cfg.train_overrides, *cfg.checkpoints]:
-        _parse_methods(name)
+        if name not in loaders:
+            _parse_methods(name)
     where = f"{config}: " if config is not None else ""
-    for name in cfg.methods:  # method options and training overrides fail now, naming the file
+    for name in (n for n in cfg.methods if n not in loaders):  # method options and training overrides fail now, naming the file
         try:
             cfg_method_config(cfg, name)
             cfg.train_for(name)
         except ConfigError as err:
             raise ConfigError(f"{where}{err}") from None
     return cfg
+
+
+def _apply_shortcuts(cfg, shortcuts: dict):
+    """--metrics, --num-test, --num-samples and --steps on top of the resolved config; --steps sets
+    the training steps of every model (teacher and per-method overrides included)."""
+    from dataclasses import replace
+
+    from bench.config import merge
+
+    if shortcuts.get("metrics") is not None:
+        groups = tuple(g.strip() for g in shortcuts["metrics"].split(","))
+        if not all(groups):
+            raise UserError(f"--metrics must be a comma-separated list of metric groups, got {shortcuts['metrics']!r}")
+        cfg = replace(cfg, eval=merge(cfg.eval, {"metrics": list(groups)}, "--metrics"))
+    counts = {k: shortcuts.get(k) for k in ("num_test", "num_samples") if shortcuts.get(k) is not None}
+    if counts:
+        cfg = replace(cfg, eval=merge(cfg.eval, counts, "eval"))
+    steps = shortcuts.get("steps")
+    if steps is not None:
+        cfg = replace(
+            cfg,
+            train=merge(cfg.train, {"steps": steps}, "train"),
+            teacher_train=merge(cfg.teacher_train, {"steps": steps}, "teacher_train"),
+            train_overrides={m: {**o, "steps": steps} for m, o in cfg.train_overrides.items()},
+        )
+    return cfg
+
+
+def _check_options(jobs: Optional[int], out: Optional[Path] = None, cache_dir: Optional[Path] = None) -> None:
+    """Option values checked before any work starts (the parser only checks their types)."""
+    if jobs is not None and jobs < 1:
+        raise UserError(f"--jobs must be >= 1 (or left out: one per core, at most 2), got {jobs}")
+    for option, path in (("--out", out), ("--cache-dir", cache_dir)):
+        if path is not None and not str(path).strip():
+            raise UserError(f"{option} must name a directory, got an empty string")
 
 
 @app.command()
@@ -139,24 +192,30 @@ def sweep(
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names; 'all' stands for every registered one.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML sweep file (keys of SweepConfig) applied on top of the profile.")] = None,
     profile: Annotated[str, typer.Option(help="Budget profile: default, or ci (tiny, for regression tracking).")] = "default",
-    out: Annotated[Path, typer.Option(help="Results root; outputs go to OUT/DATASET/.")] = Path("results"),
+    out: Annotated[Path, typer.Option(help="Results root; outputs go to OUT/DATASET/ (runs/ is ignored by git; the committed results/ is refreshed only when you name it).")] = Path(DEFAULT_OUT),
     cache_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint cache (default OUT/checkpoints).")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Where file-backed datasets live.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     inception_weights: Annotated[Optional[Path], typer.Option(help="clean-fid's inception-2015-12-05.pt (or its folder) for FID on RGB data; default ~/.cache/f2d2-bench/.")] = None,
-    checkpoint: Annotated[Optional[list[str]], typer.Option(help="METHOD=PATH: evaluate this trained checkpoint instead of training (repeatable).")] = None,
-    jobs: Annotated[int, typer.Option(help="Parallel training processes on CPU (0: one per core, at most 2).")] = 0,
+    checkpoint: Annotated[Optional[list[str]], typer.Option(help="METHOD=PATH: evaluate this trained checkpoint instead of training; NAME=package.module:loader: evaluate the FlowMap your function returns under row NAME (repeatable).")] = None,
+    metrics: Annotated[Optional[str], typer.Option(help="Comma-separated metric groups: nll, calibration, quality, timing, mass, guidance (default: all the dataset supports).")] = None,
+    num_test: Annotated[Optional[int], typer.Option(help="Test points for likelihoods (eval.num_test).")] = None,
+    num_samples: Annotated[Optional[int], typer.Option(help="Samples for sample quality (eval.num_samples).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps of every model (teacher included); part of the cache key.")] = None,
+    jobs: Annotated[Optional[int], typer.Option(help="Parallel training processes on CPU (default: one per core, at most 2).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Train what is missing, evaluate every method at every NFE, write results.csv and results.md."""
     try:
-        cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir)
+        _check_options(jobs, out, cache_dir)
+        shortcuts = {"metrics": metrics, "num_test": num_test, "num_samples": num_samples, "steps": steps}
+        cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir, shortcuts)
         from bench.env import resolve_device
         from bench.sweep import check_writable, run_sweep
 
         dev = resolve_device(device)
         check_writable(out)
-        num_jobs = jobs if jobs > 0 else max(1, min(2, os.cpu_count() or 1))
+        num_jobs = jobs if jobs is not None else max(1, min(2, os.cpu_count() or 1))
         reporter = _reporter(quiet)
         with reporter:
             outcome = run_sweep(
@@ -233,7 +292,7 @@ def guide(
     teacher_steps: Annotated[int, typer.Option(help="Also sample the teacher with this many Euler steps (0: skip).")] = 200,
     config: Annotated[Optional[Path], typer.Option(help="YAML sweep file applied on top of the profile.")] = None,
     profile: Annotated[str, typer.Option(help="Budget profile: default or ci.")] = "default",
-    out: Annotated[Path, typer.Option(help="Results root; outputs go to OUT/guidance/DATASET/.")] = Path("results"),
+    out: Annotated[Path, typer.Option(help="Results root; outputs go to OUT/guidance/DATASET/.")] = Path(DEFAULT_OUT),
     cache_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint cache (default OUT/checkpoints, shared with sweep).")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Where file-backed datasets live.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -247,6 +306,7 @@ def guide(
         from bench.env import resolve_device
         from bench.sweep import TEACHER, check_writable, run_sweep
 
+        _check_options(None, out, cache_dir)
         cfg = _resolve_config(
             dataset, profile, config, nfe, f"{TEACHER},{method}" if method != TEACHER else TEACHER, None, data_dir
         )
@@ -256,6 +316,8 @@ def guide(
             etas = tuple(float(v) for v in eta.split(","))
         except ValueError:
             raise UserError(f"--eta must be comma-separated numbers, got {eta!r}") from None
+        if len(set(etas)) != len(etas):
+            raise UserError(f"--eta has duplicated values: {eta}")
         cfg = replace(cfg, eval=replace(cfg.eval, guidance_etas=etas, guidance_prior=prior, guidance_steps=steps, teacher_steps=teacher_steps))
         dev = resolve_device(device)
         check_writable(out)
@@ -358,6 +420,64 @@ def _print_report(report) -> None:
         cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.old, r.new, r.delta, r.tol)]
         table.add_row(str(r.dataset), str(r.method), str(r.nfe), str(r.metric), *cells, r.status, style=style.get(r.status))
     Console(width=160).print(table)
+
+
+@app.command("reference-accuracy")
+def reference_accuracy_command(
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset name; default checkerboard.")] = None,
+    method: Annotated[str, typer.Option(help="Whose instantaneous field to solve (a trained checkpoint in the cache).")] = "flow-matching",
+    rtol: Annotated[str, typer.Option(help="Comma-separated tolerances (rtol = atol); the tightest exact solve is the truth.")] = "1e-5,1e-6,1e-7,1e-9",
+    estimator: Annotated[str, typer.Option(help="Comma-separated divergence estimators to compare (exact, hutchinson:P).")] = "exact",
+    num_test: Annotated[Optional[int], typer.Option(help="Test points (default: the profile's eval.num_test).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML sweep file applied on top of the profile (to find the checkpoint).")] = None,
+    profile: Annotated[str, typer.Option(help="Budget profile: default or ci.")] = "default",
+    cache_dir: Annotated[Path, typer.Option(help="Checkpoint cache holding the trained model.")] = Path(DEFAULT_OUT) / "checkpoints",
+    data_dir: Annotated[Optional[Path], typer.Option(help="Where file-backed datasets live.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write OUT/DATASET.md and .json here (atomically).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Per-point error of the exact-ODE reference NLL at several solver tolerances (and with
+    Hutchinson probes) against a much tighter exact solve: how to choose eval.rtol."""
+    try:
+        from dataclasses import asdict
+
+        from bench.accuracy import accuracy_markdown, reference_accuracy
+        from bench.cells import Units
+        from bench.datasets import get_dataset
+        from bench.env import resolve_device
+        from bench.io import write_json, write_text
+        from bench.sweep import TEACHER, load_source, plan_jobs
+        from f2d2.divergence import parse_estimator
+
+        cfg = _resolve_config(dataset, profile, config, None, method if method != TEACHER else None, None, data_dir,
+                              {"num_test": num_test})
+        try:
+            tols = sorted({float(v) for v in rtol.split(",")})
+        except ValueError:
+            raise UserError(f"--rtol must be comma-separated numbers, got {rtol!r}") from None
+        if not tols or not all(0 < t < 1 for t in tols):
+            raise UserError(f"--rtol values must lie in (0, 1), got {rtol!r}")
+        estimators = [e.strip() for e in estimator.split(",")]
+        for spec in estimators:
+            parse_estimator(spec)
+        dev = resolve_device(device)
+        ds = get_dataset(cfg.dataset, str(data_dir) if data_dir else None)
+        kappa, sigma_0 = cfg.kappa or ds.kappa, cfg.sigma_0 or ds.sigma_0
+        source = plan_jobs(cfg, ds, str(data_dir) if data_dir else None, cache_dir, kappa, sigma_0)[method]
+        if getattr(source, "status", lambda: "")() not in ("complete", "provided", "loader"):
+            raise UserError(f"no trained {method} checkpoint for this config under {cache_dir}; train it first with f2d2-bench sweep")
+        model = load_source(source, cfg, ds, dev)
+        units = Units(ds)
+        rows = reference_accuracy(model, ds.test_set(cfg.eval.num_test).to(dev), cfg.eval, tols, estimators, units.scale(), dev)
+        text = accuracy_markdown(rows, units.name, f"Reference accuracy: {ds.name}, {method}, {cfg.eval.num_test} test points")
+        if out is not None:
+            write_text(out / f"{ds.name}.md", text)
+            write_json(out / f"{ds.name}.json", {"dataset": ds.name, "method": method, "rows": [asdict(r) for r in rows]})
+    except (*_user_errors(), ValueError) as err:
+        _fail(str(err))
+    except KeyboardInterrupt as err:
+        _interrupted(err)
+    typer.echo(text)
 
 
 @app.command("methods")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,6 +88,36 @@ class TrainConfig:
             raise ConfigError(f"need train.lr > 0 and 0 <= train.ema_decay < 1, got {self.lr}, {self.ema_decay}")
 
 
+MAX_NFE = 4096  # network evaluations per few-step estimate: 4x the paper's 1024-step reference
+MAX_POINTS = 10_000_000  # test points / samples / repeats: a sanity bound, far above CIFAR-10's 50,000
+MAX_GUIDANCE_STEPS = 1000
+
+# Metric groups a sweep can compute (eval.metrics / --metrics). What each group writes:
+#   nll          few-step NLL (F2D2 or naive), own and teacher exact-ODE references, paired gaps and
+#                their decomposition into map and head parts, true entropy, reference NFEs
+#   calibration  per-point agreement of few-step and exact NLLs, with the reference's noise floor
+#   quality      sample quality: energy distance and support share (2D), FD / FID / KID (images)
+#   timing       wall-clock of sampling, few-step likelihood and reference, and the speed-up
+#   mass         total mass of each few-step density (2D grid quadrature; images: importance sampling)
+#   guidance     self-guided sampling (needs eval.guidance_etas; `f2d2-bench guide` sets them)
+METRIC_GROUPS = ("nll", "calibration", "quality", "timing", "mass", "guidance")
+
+
+def metric_group(metric: str, method: str = "") -> str:
+    """The metric group that writes rows named ``metric`` (of ``method``), see METRIC_GROUPS."""
+    if "+guided@" in method or metric.startswith("network_calls_"):
+        return "guidance"
+    if metric.endswith("_wall_s") or metric == "nll_speedup":
+        return "timing"
+    if metric.startswith("calib_"):
+        return "calibration"
+    if metric == "mass":
+        return "mass"
+    if metric.startswith(("nll_", "entropy_", "ref_")):
+        return "nll"
+    return "quality"
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Evaluation protocol (METHOD.md Sec. 4).
@@ -104,7 +135,12 @@ class EvalConfig:
             objective. guidance_steps: Adam steps on the noise (the paper: 1).
         teacher_steps: if > 0, also the teacher's sample quality with this many Euler steps (the
             many-step yardstick of the guidance comparison).
+        metrics: the metric groups to compute (see :data:`METRIC_GROUPS`); empty: every group the
+            dataset supports ('guidance' only when guidance_etas are set).
+        num_mass: samples of the importance-sampled total mass of a few-step density (images).
     """
+
+    KEY_OMITS_DEFAULT: typing.ClassVar[tuple[str, ...]] = ("metrics", "num_mass")
 
     num_test: int = 2000
     num_samples: int = 2000
@@ -123,13 +159,26 @@ class EvalConfig:
     guidance_prior: bool = True
     guidance_steps: int = 1
     teacher_steps: int = 0
+    metrics: tuple[str, ...] = ()
+    num_mass: int = 1000
 
     def __post_init__(self) -> None:
-        if any(eta <= 0 for eta in self.guidance_etas) or self.guidance_steps < 1 or self.teacher_steps < 0:
-            raise ConfigError("eval.guidance_etas must be > 0, eval.guidance_steps >= 1, eval.teacher_steps >= 0")
-        for name in ("num_test", "num_samples", "num_repeats", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if not all(math.isfinite(eta) and eta > 0 for eta in self.guidance_etas):
+            raise ConfigError(f"eval.guidance_etas (--eta) must be finite numbers > 0, got {list(self.guidance_etas)}")
+        if not 1 <= self.guidance_steps <= MAX_GUIDANCE_STEPS or not 0 <= self.teacher_steps <= MAX_NFE:
+            raise ConfigError(
+                f"need 1 <= eval.guidance_steps <= {MAX_GUIDANCE_STEPS} and 0 <= eval.teacher_steps <= {MAX_NFE}, "
+                f"got {self.guidance_steps}, {self.teacher_steps}"
+            )
+        unknown = [m for m in self.metrics if m not in METRIC_GROUPS]
+        if unknown or len(set(self.metrics)) != len(self.metrics):
+            what = f"unknown metric group(s) {', '.join(map(repr, unknown))}" if unknown else f"duplicated metric groups {list(self.metrics)}"
+            raise ConfigError(f"eval.metrics: {what}; valid: {', '.join(METRIC_GROUPS)}")
+        if "guidance" in self.metrics and not self.guidance_etas:
+            raise ConfigError("eval.metrics: 'guidance' needs eval.guidance_etas (f2d2-bench guide sets them)")
+        for name in ("num_test", "num_samples", "num_repeats", "batch_size", "num_mass"):
+            if not 1 <= getattr(self, name) <= MAX_POINTS:
+                raise ConfigError(f"eval.{name} must lie in [1, {MAX_POINTS:,}], got {getattr(self, name)}")
         if self.backward not in ("auto", "first_order", "trained"):
             raise ConfigError(f"eval.backward must be auto, first_order or trained, got {self.backward!r}")
         for name in ("reference_estimator", "naive_estimator"):
@@ -187,6 +236,8 @@ def validate_nfe(nfe: tuple[int, ...]) -> None:
         raise ConfigError("nfe must list at least one number of steps")
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in nfe):
         raise ConfigError(f"nfe values must be integers >= 1, got {list(nfe)}")
+    if max(nfe) > MAX_NFE:
+        raise ConfigError(f"nfe values must be at most {MAX_NFE} network evaluations, got {max(nfe)}")
     if len(set(nfe)) != len(nfe):
         raise ConfigError(f"nfe has duplicated values: {list(nfe)}")
 
@@ -198,8 +249,10 @@ def parse_nfe(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--nfe must be a comma-separated list of integers >= 1, got {text!r}")
     values = []
     for item in items:
-        if not item.lstrip("-").isdigit():
+        if not item.lstrip("-").isascii() or not item.lstrip("-").isdigit():
             raise ConfigError(f"--nfe value {item!r} is not an integer")
+        if len(item.lstrip("-+0")) > len(str(MAX_NFE)):  # also spares int() a number of thousands of digits
+            raise ConfigError(f"nfe values must be at most {MAX_NFE} network evaluations, got {item}")
         values.append(int(item))
     nfe = tuple(values)
     validate_nfe(nfe)
@@ -251,6 +304,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # no setting here is meaningful at NaN or infinity
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int or tp is bool or tp is str:
         if type(value) is not tp:

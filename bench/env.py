@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -42,13 +43,22 @@ def package_version(name: str = "f2d2-bench") -> str | None:
         return None
 
 
+DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d{1,3})?)$")
+
+
 def resolve_device(spec: str = "auto") -> torch.device:
-    """'auto' -> cuda if available else cpu; otherwise the named device, which must exist."""
+    """'auto' -> cuda if available else cpu; 'cpu', 'cuda' or 'cuda:N', which must exist.
+    Anything else is a ValueError naming the valid forms (torch.device would accept 'mps', 'xla',
+    ... that this harness does not support, and raise a RuntimeError on garbage)."""
+    if not DEVICE_SPEC.match(spec):
+        raise ValueError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {spec!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
 
 

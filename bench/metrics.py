@@ -89,3 +89,33 @@ def calibration_stats(few: np.ndarray, ref: np.ndarray, unit: str = "nats") -> d
     err = np.abs(few - ref)
     spearman = _spearman(few, ref) if few.size > 1 else math.nan
     return {"mae": float(err.mean()), "spearman": spearman, "within": float((err <= CALIBRATION_TOL[unit]).mean())}
+
+
+def calibration_floor(ref: np.ndarray, noise: np.ndarray | None, unit: str = "nats") -> dict[str, float]:
+    """What a perfect few-step estimator (one returning the exact NLL) would score in
+    :func:`calibration_stats` against a noisy reference.
+
+    An exact-trace reference has no Monte-Carlo noise (``noise`` None): floors 0 (MAE), 1
+    (Spearman, within); its solver error is measured separately (README.md, "Reference accuracy").
+    A Hutchinson reference with P fixed probes is the truth plus an error e_i; ``noise`` is one
+    draw distributed as e_i per point (:func:`bench.measure.mc_noise_draw`: a contrast of two of its
+    probes, (p_1 - p_2) / sqrt(2 P)). The perfect estimator then scores
+        MAE floor = mean_i |noise_i|, within floor = share of |noise_i| <= tol,
+        Spearman floor = spearman(ref, ref - noise),
+    unbiased for the first two (one draw per point, averaged over points); the last uses ref - noise
+    as a stand-in for the truth. All in ``unit``. (Plugging the per-point standard errors into
+    E|N(0, s^2)| instead would bias the within-share upwards: with P = 2 probes s is itself noisy.)
+    """
+    if unit not in CALIBRATION_TOL:
+        raise ValueError(f"unit must be one of {', '.join(CALIBRATION_TOL)}, got {unit!r}")
+    if noise is None:
+        return {"mae": 0.0, "spearman": 1.0, "within": 1.0}
+    ref = np.asarray(ref, dtype=np.float64).reshape(-1)
+    noise = np.asarray(noise, dtype=np.float64).reshape(-1)
+    if ref.shape != noise.shape or ref.size == 0:
+        raise ValueError(f"need two non-empty arrays of one shape, got {ref.shape} and {noise.shape}")
+    if not (np.isfinite(ref).all() and np.isfinite(noise).all()):
+        return {"mae": math.nan, "spearman": math.nan, "within": math.nan}
+    spearman = _spearman(ref, ref - noise) if ref.size > 1 else math.nan
+    err = np.abs(noise)
+    return {"mae": float(err.mean()), "spearman": spearman, "within": float((err <= CALIBRATION_TOL[unit]).mean())}

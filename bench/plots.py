@@ -234,12 +234,12 @@ def _first(frame: pd.DataFrame, metric: str, method: str | None = None) -> float
 
 
 def _curve(ax: Axes, rows: pd.DataFrame, colour: str, label: str, dashed: bool = False, marker: str = "o") -> list[int]:
-    """value +- stderr against nfe, flagged-invalid points hollow; returns the NFEs drawn (finite values)."""
+    """value +- stderr against nfe, flagged points (invalid, optimistic) hollow; returns the NFEs drawn (finite values)."""
     rows = rows[np.isfinite(rows["value"].astype(float))].sort_values("nfe")
     x, y = rows["nfe"].to_numpy(float), rows["value"].to_numpy(float)
     err = np.nan_to_num(rows["stderr"].to_numpy(float))  # an undefined stderr draws no bar
     ax.errorbar(x, y, yerr=err, color=colour, ls="--" if dashed else "-", marker=marker, ms=5, capsize=2, label=label)
-    bad = (rows["flag"] == "invalid").to_numpy()
+    bad = rows["flag"].isin(["invalid", "optimistic"]).to_numpy()
     ax.scatter(x[bad], y[bad], facecolors="white", edgecolors=colour, marker=marker, s=25, zorder=4)  # hollow
     return [int(k) for k in x]
 
@@ -267,7 +267,7 @@ def nll_vs_nfe(frame: pd.DataFrame, out_stem: Path) -> list[Path]:
 
     Lines: the teacher's exact-ODE NLL (solid black), each method's own exact-ODE reference (dashed,
     method colour), the true entropy (dotted grey, if known). Hollow points are flagged invalid
-    (below the entropy, or a negative bits/dim). The y axis is linear, so naive baselines far below
+    (below the entropy, or a negative bits/dim) or optimistic (below the own reference). The y axis is linear, so naive baselines far below
     the entropy stretch it, which is the paper's point about them.
     """
     frame = _tidy(frame)
@@ -286,7 +286,7 @@ def nll_vs_nfe(frame: pd.DataFrame, out_stem: Path) -> list[Path]:
         if (entropy := _first(rows, f"entropy_{unit}")) is not None:
             ax.axhline(entropy, color="grey", ls=":", lw=1.5, label=f"true entropy ({entropy:.3f})")
         ax.plot([], [], color="grey", ls="--", lw=1, label="own reference (method colour)")
-        ax.scatter([], [], facecolors="none", edgecolors="grey", label="invalid (flagged)")
+        ax.scatter([], [], facecolors="none", edgecolors="grey", label="flagged: invalid or optimistic")
         _log2_axis(ax, drawn)
         ax.set_ylabel(f"few-step NLL ({unit}), lower is better")
         if len(nll) > len(drawn):  # NaN/inf NLLs cannot be drawn; say so rather than hide them
@@ -340,7 +340,7 @@ def quality_vs_nfe(frame: pd.DataFrame, out_stem: Path, metric: str | None = Non
     method's colour (one marker per eta); the many-step flow-matching teacher is a labelled line."""
     frame = _tidy(frame)
     metric = metric or quality_metric(frame)
-    if not (frame["metric"] == metric).any():
+    if metric is None or not (frame["metric"] == metric).any():
         raise ValueError(f"metric {metric!r} is not in this frame; metrics: {', '.join(sorted(set(frame['metric'])))}")
     rows = frame[frame["metric"] == metric]
     colours = _colours(rows["method"])

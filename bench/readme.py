@@ -180,9 +180,43 @@ def benchmark_table(storage: Path) -> tuple[str, str]:
 
 # Composing ----------------------------------------------------------------------------------
 
+_FWD = "shortcut-f2d2-fwd,shortcut-distill-f2d2-fwd,meanflow-f2d2-fwd,lsd-f2d2-fwd"
+# The command(s) behind every block, in the order `make results` runs them (`--commands`).
+COMMANDS: dict[str, list[str]] = {
+    "main": ["f2d2-bench sweep --dataset checkerboard --nfe 1,2,4,8 --out results"],
+    "8gaussians": ["f2d2-bench sweep --dataset 8gaussians --nfe 1,2,4,8 --out results"],
+    "all-checkerboard": [
+        f"f2d2-bench sweep --dataset checkerboard --nfe 1,2,4,8 --out results/all --cache-dir results/checkpoints --methods all,{_FWD}",
+        "f2d2-bench table results/all/checkerboard --layout paper --output results/all/checkerboard/paper.md",
+        "f2d2-bench table results/all/checkerboard --layout paper --format latex --output results/all/checkerboard/paper.tex",
+        "f2d2-bench table results/all/checkerboard --layout backward --output results/all/checkerboard/backward.md",
+    ],
+    "digits": ["f2d2-bench sweep --dataset digits --nfe 1,2,4,8 --out results"],
+    "all-digits": [
+        "f2d2-bench sweep --dataset digits --nfe 1,2,4,8 --methods all --out results/all --cache-dir results/checkpoints",
+        "f2d2-bench table results/all/digits --layout paper --output results/all/digits/paper.md",
+        "f2d2-bench table results/all/digits --layout paper --format latex --output results/all/digits/paper.tex",
+    ],
+    "guidance": ["f2d2-bench guide --dataset digits --method meanflow-f2d2 --nfe 1,2,4,8 --eta 0.01,0.03,0.1,0.3 --out results"],
+    "when_to_stop": [
+        "f2d2-bench sweep --config results/when_to_stop/sweep.yaml --out results/when_to_stop/best --cache-dir results/checkpoints",
+        "f2d2-bench sweep --config results/when_to_stop/sweep_last.yaml --out results/when_to_stop/last --cache-dir results/checkpoints",
+    ],
+    "benchmarks": ["make bench"],
+    "ci": ["f2d2-bench sweep --profile ci --out results/ci --jobs 1"],
+}
+
+
+def _shown(command: str, width: int = 110) -> str:
+    """A long command wrapped before an option, shell-continued, for reading in README."""
+    if len(command) <= width:
+        return command
+    head, sep, tail = command.rpartition(" --")
+    return f"{_shown(head, width)} \\\n    --{tail}" if sep else command
+
 
 def _block(title: str, commands: list[str], parts: list[str]) -> str:
-    cmd = "\n".join(commands)
+    cmd = "\n".join(_shown(c) for c in commands)
     return "\n\n".join([f"### {title}", f"```bash\n{cmd}\n```", *[p for p in parts if p]])
 
 
@@ -221,14 +255,14 @@ def render(root: Path = ROOT) -> str:
     main = results / "checkerboard"
     if (main / "results.csv").exists():
         blocks.append(_sweep_block(
-            "Main job: checkerboard", ["make sweep   # = f2d2-bench sweep --dataset checkerboard --nfe 1,2,4,8"], main, root,
+            "Main job: checkerboard", COMMANDS["main"], main, root,
             lambda frame: [density_table(main / "figures", root)],
         ))
 
     gauss = results / "8gaussians"
     if (gauss / "results.csv").exists():
         blocks.append(_sweep_block(
-            "8gaussians", ["f2d2-bench sweep --dataset 8gaussians --nfe 1,2,4,8"], gauss, root,
+            "8gaussians", COMMANDS["8gaussians"], gauss, root,
             lambda frame: [density_table(gauss / "figures", root)],
         ))
 
@@ -236,13 +270,7 @@ def render(root: Path = ROOT) -> str:
     if (every / "results.csv").exists():
         blocks.append(_all_methods_block(
             "All nine methods on the checkerboard (paper layout, backward study, calibration)",
-            [
-                "f2d2-bench sweep --dataset checkerboard --nfe 1,2,4,8 --out results/all --cache-dir results/checkpoints \\",
-                "    --methods all,shortcut-f2d2-fwd,shortcut-distill-f2d2-fwd,meanflow-f2d2-fwd,lsd-f2d2-fwd",
-                "f2d2-bench table results/all/checkerboard --layout paper --output results/all/checkerboard/paper.md",
-                "f2d2-bench table results/all/checkerboard --layout paper --format latex --output results/all/checkerboard/paper.tex",
-                "f2d2-bench table results/all/checkerboard --layout backward --output results/all/checkerboard/backward.md",
-            ],
+            COMMANDS["all-checkerboard"],
             every, root, "its own exact NLL", "MAE in nats", "0.1 nats", ["backward.md"],
             [density_table(every / "figures", root)],
         ))
@@ -256,7 +284,7 @@ def render(root: Path = ROOT) -> str:
             for name, v in floor.items()
         )
         blocks.append(_sweep_block(
-            "Digits (8x8, scikit-learn)", ["f2d2-bench sweep --dataset digits --nfe 1,2,4,8"], digits, root,
+            "Digits (8x8, scikit-learn)", COMMANDS["digits"], digits, root,
             lambda frame: [f"Reference point for sample quality: {floor_text}." if floor_text else ""],
         ))
 
@@ -264,11 +292,7 @@ def render(root: Path = ROOT) -> str:
     if (every_digits / "results.csv").exists():
         blocks.append(_all_methods_block(
             "All nine methods on digits (paper layout, calibration)",
-            [
-                "f2d2-bench sweep --dataset digits --nfe 1,2,4,8 --methods all --out results/all --cache-dir results/checkpoints",
-                "f2d2-bench table results/all/digits --layout paper --output results/all/digits/paper.md",
-                "f2d2-bench table results/all/digits --layout paper --format latex --output results/all/digits/paper.tex",
-            ],
+            COMMANDS["all-digits"],
             every_digits, root, "its own Hutchinson reference", "MAE in bits/dim", "0.01 bits/dim",
         ))
 
@@ -278,7 +302,7 @@ def render(root: Path = ROOT) -> str:
         quality = next(m for m in ("fid", "fd_digits", "fd_mnist", "energy_distance") if (frame["metric"] == m).any())
         blocks.append(_block(
             "Self-guidance on digits",
-            ["f2d2-bench guide --dataset digits --method meanflow-f2d2 --nfe 1,2,4,8 --eta 0.01,0.03,0.1,0.3"],
+            COMMANDS["guidance"],
             [run_line(guidance), f"`{_rel(guidance / 'guidance.md', root)}`:", (guidance / "guidance.md").read_text().strip(),
              guidance_summary(frame, quality)],
         ))
@@ -288,10 +312,7 @@ def render(root: Path = ROOT) -> str:
         best = stop / "best" / "checkerboard"
         blocks.append(_block(
             "When to stop training (MeanFlow-F2D2, checkerboard, constant learning rate)",
-            [
-                "f2d2-bench sweep --config results/when_to_stop/sweep.yaml --out results/when_to_stop/best --cache-dir results/checkpoints",
-                "f2d2-bench sweep --config results/when_to_stop/sweep_last.yaml --out results/when_to_stop/last --cache-dir results/checkpoints",
-            ],
+            COMMANDS["when_to_stop"],
             [
                 "Validation every 500 steps on 512 fixed points; the criterion is the mean |few-step NLL - exact NLL| "
                 "over NFE 1, 2, 4, 8. Test gaps (nats) of the selected and of the last weights:",
@@ -302,12 +323,12 @@ def render(root: Path = ROOT) -> str:
 
     run_id, bench = benchmark_table(results / "benchmarks")
     if bench:
-        blocks.append(_block("Benchmarks", ["make bench"], [f"Run `{run_id}` under `results/benchmarks/` on {bench}"]))
+        blocks.append(_block("Benchmarks", COMMANDS["benchmarks"], [f"Run `{run_id}` under `results/benchmarks/` on {bench}"]))
 
     ci = results / "ci" / "checkerboard"
     if (ci / "results.csv").exists():
         blocks.append(_block(
-            "CI regression baseline", ["f2d2-bench sweep --profile ci --out results/ci --jobs 1"],
+            "CI regression baseline", COMMANDS["ci"],
             [f"`{_rel(ci / 'results.md', root)}` (all nine methods, tiny budgets; what `tests/test_regression.py` checks against). "
              + run_line(ci)],
         ))
@@ -326,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.readme", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
     parser.add_argument("--root", type=Path, default=ROOT)
+    parser.add_argument("--commands", action="store_true", help="print the commands that make results/, one per line, in order")
     args = parser.parse_args(argv)
+    if args.commands:
+        print("\n".join(c for commands in COMMANDS.values() for c in commands))
+        return 0
     path = args.root / "README.md"
     current = path.read_text()
     updated = splice(current, render(args.root))

@@ -20,17 +20,26 @@ def write_figures(outcome, dataset, sources: dict, arrays: dict[str, dict[str, T
     from bench.cells import Units
     from bench.tables import rows_frame
 
+    from bench.tables import quality_metric
+
     figures = outcome.out_dir / "figures"
     frame = rows_frame(outcome.rows)
-    paths = plots.nll_vs_nfe(frame, figures / "nll_vs_nfe") + plots.quality_vs_nfe(frame, figures / "quality_vs_nfe")
+    paths = []  # a figure of a metric group that was not measured is left out, never drawn empty
+    if frame["metric"].str.fullmatch(r"nll_(nats|bpd)").any():
+        paths += plots.nll_vs_nfe(frame, figures / "nll_vs_nfe")
+    if quality_metric(frame) is not None:
+        paths += plots.quality_vs_nfe(frame, figures / "quality_vs_nfe")
     units = Units(dataset)
     per_sample = {
         name: {int(key[3:]): (_unit(values, units), _unit(data["ref"], units)) for key, values in data.items() if key.startswith("nfe")}
         for name, data in arrays.items()
     }
-    paths += plots.calibration_scatter(per_sample, figures / "calibration", unit=units.name)
+    if any(per_sample.values()):
+        paths += plots.calibration_scatter({n: v for n, v in per_sample.items() if v}, figures / "calibration", unit=units.name)
     for name, source in sources.items():
         if name not in cfg.methods:
+            continue
+        if not hasattr(source, "directory"):  # a user loader's model: no checkpoint metadata
             continue
         meta = read_meta(source.directory)
         if len(dataset.data_shape) == 1 and dataset.data_shape[0] == 2 and meta["capabilities"]["divergence_head"]:

@@ -18,14 +18,15 @@ import torch
 from torch import Tensor
 
 from baselines import get_method
-from bench.cells import CellContext, Row, evaluate_cell, rows_from_json, rows_to_json
+from bench.cells import Row, rows_from_json, rows_to_json
 from bench.checkpoint import CheckpointError, check_expected, checkpoint_dir, load_checkpoint, read_meta
 from bench.config import SweepConfig, key_dict, merge, stable_hash, to_dict
 from bench.datasets import get_dataset
-from bench.env import device_name, environment
-from bench.evaluate import per_sample_noise, reference
+from bench.env import environment
+from bench.api import QUALITY_GROUPS, evaluate, prepare, resolve_groups, rows_from_frame
 from bench.io import write_json, write_text, write_with
 from bench.jobs import Job, run_job, train_in_workers
+from bench.loaders import UserModel, is_loader_spec
 
 TEACHER = "flow-matching"
 
@@ -76,7 +77,7 @@ class Provided:
         return "provided"
 
 
-Source = Job | Provided
+Source = Job | Provided | UserModel
 
 
 def plan_jobs(cfg: SweepConfig, dataset, data_dir: str | None, cache_dir: Path, kappa: float, sigma_0: float) -> dict[str, Source]:
@@ -84,12 +85,21 @@ def plan_jobs(cfg: SweepConfig, dataset, data_dir: str | None, cache_dir: Path, 
     trained or written) or a training job; distill variants point at the teacher."""
 
     def source(name: str, teacher_dir: str | None) -> Source:
+        if name in cfg.checkpoints and is_loader_spec(cfg.checkpoints[name]):
+            user = UserModel(name, cfg.checkpoints[name])
+            user.load(dataset.data_shape)  # fails now, before anything is trained or written
+            return user
         if name in cfg.checkpoints:
             return check_provided(Provided(name, cfg.checkpoints[name]), dataset)
         spec = get_method(name)
         method_cfg = merge(spec.config, cfg.options_for(name), f"method_options.{name}")
         train_cfg = cfg.teacher_train if name == TEACHER else cfg.train_for(name)
         needs_teacher = spec.build(method_cfg).needs_teacher
+        if needs_teacher and teacher_dir is None and name != TEACHER:
+            raise CheckpointError(
+                f"{name} trains from a teacher checkpoint; a teacher given by a loader "
+                f"({cfg.checkpoints[TEACHER]}) can be evaluated but not distilled from"
+            )
         return Job(
             name, method_cfg, cfg.model, train_cfg, dataset.name, data_dir, kappa, sigma_0,
             teacher_dir if needs_teacher else None, str(cache_dir), cfg.nfe, cfg.eval.reference_estimator,
@@ -97,9 +107,10 @@ def plan_jobs(cfg: SweepConfig, dataset, data_dir: str | None, cache_dir: Path, 
 
     teacher = source(TEACHER, None)
     sources = {TEACHER: teacher}
+    teacher_dir = None if isinstance(teacher, UserModel) else str(teacher.directory)
     for name in cfg.methods:
         if name != TEACHER:
-            sources[name] = source(name, str(teacher.directory))
+            sources[name] = source(name, teacher_dir)
     return sources
 
 
@@ -162,7 +173,8 @@ def run_sweep(
     dataset = get_dataset(cfg.dataset, data_dir)
     from bench.fid import resolve_inception_weights, uses_inception
 
-    if uses_inception(dataset):  # a missing weights file fails now, not after hours of training
+    groups = resolve_groups(cfg.eval)
+    if uses_inception(dataset) and groups & QUALITY_GROUPS:  # a missing weights file fails now, not after hours of training
         resolve_inception_weights(inception_weights)
     out_dir = out_root / dataset.name
     check_writable(out_root)
@@ -207,12 +219,12 @@ def evaluate_all(
     features) is built only if some cell must be computed. Returns per-point NLL arrays."""
     teacher_job = sources[TEACHER]
     cells_dir = outcome.out_dir / "cells"
-    ctx: CellContext | None = None
+    ctx = None
     arrays: dict[str, dict[str, Tensor]] = {}
     for name in cfg.methods:
         job = sources[name]
         key = _cell_key(cfg, job, teacher_job)
-        cached = _read_cell(cells_dir / f"{name}.json", cells_dir / f"{name}.npz", key)
+        cached = None if key is None else _read_cell(cells_dir / f"{name}.json", cells_dir / f"{name}.npz", key)
         if cached is not None:
             rows, arrays[name] = cached
             outcome.rows += rows
@@ -220,31 +232,22 @@ def evaluate_all(
             continue
         if ctx is None:
             reporter.stage("exact-ODE reference of the teacher" + (" and sample-quality features" if dataset.levels else ""))
-            ctx = _context(cfg, dataset, teacher_job, device, cache_dir, inception_weights)
+            teacher = load_source(teacher_job, cfg, dataset, device)
+            ctx = prepare(dataset, cfg.eval, teacher=teacher, device=device, cache_dir=cache_dir,
+                          inception_weights=inception_weights, teacher_name=TEACHER)
         reporter.stage(f"evaluating {name} at NFE {', '.join(map(str, cfg.nfe))}")
-        model = load_checkpoint(job.directory, ema=cfg.eval.use_ema, best=cfg.eval.use_best, device=device)
-        rows, arrays[name] = evaluate_cell(name, model, ctx, cfg.nfe, ctx.teacher_ref if name == TEACHER else None)
-        _write_cell(cells_dir / f"{name}.json", cells_dir / f"{name}.npz", key, rows, arrays[name])
+        model = ctx.teacher_model if name == TEACHER else load_source(job, cfg, dataset, device)
+        arrays[name] = {}
+        rows = rows_from_frame(evaluate(model, name=name, nfe=cfg.nfe, context=ctx, per_point=arrays[name]))
+        if key is not None:
+            _write_cell(cells_dir / f"{name}.json", cells_dir / f"{name}.npz", key, rows, arrays[name])
         outcome.rows += rows
-    if dataset.levels:
+    if dataset.levels and resolve_groups(cfg.eval) & QUALITY_GROUPS:
         from bench.fid import quality_for
 
         quality = ctx.quality if ctx is not None else quality_for(dataset, cache_dir, inception_weights, device)
         outcome.quality_floor = _quality_floor(quality, dataset, cfg.eval.num_samples, cfg.eval.seed)
     return arrays
-
-
-def _context(
-    cfg: SweepConfig, dataset, teacher_job: Source, device: torch.device, cache_dir: Path, inception_weights: str | None
-) -> CellContext:
-    from bench.fid import quality_for
-
-    quality = quality_for(dataset, cache_dir, inception_weights, device)  # before the slow reference: fail early
-    x_test = dataset.test_set(cfg.eval.num_test).to(device)
-    noise = per_sample_noise(cfg.eval.num_samples, dataset.data_shape, cfg.eval.seed, device)
-    teacher = load_checkpoint(teacher_job.directory, ema=cfg.eval.use_ema, best=cfg.eval.use_best, device=device)
-    teacher_ref = reference(teacher, x_test, cfg.eval, device)
-    return CellContext(dataset, x_test, noise, teacher_ref, cfg.eval, device, device_name(device), quality)
 
 
 def _quality_floor(quality, dataset, num: int, seed: int) -> dict:
@@ -262,10 +265,20 @@ def _quality_floor(quality, dataset, num: int, seed: int) -> dict:
     note = f"{count} distinct test images" + (f" (fewer than the {num} samples: biased upwards)" if count < num else "")
     return {metric: {"value": v, "stderr": se, "estimator": f"{est}; {note}"} for metric, v, se, est in rows}
 
-EVAL_VERSION = 2  # bump when evaluation code changes numbers, so cached cells are recomputed
+EVAL_VERSION = 3  # bump when evaluation code changes numbers, so cached cells are recomputed
 
 
-def _cell_key(cfg: SweepConfig, job: Source, teacher_job: Source) -> str:
+def load_source(source: Source, cfg: SweepConfig, dataset, device: torch.device):
+    """The FlowMap to evaluate: a checkpoint's EMA (or selected) weights, or a user loader's model."""
+    if isinstance(source, UserModel):
+        return source.load(dataset.data_shape, device)
+    return load_checkpoint(source.directory, ema=cfg.eval.use_ema, best=cfg.eval.use_best, device=device)
+
+
+def _cell_key(cfg: SweepConfig, job: Source, teacher_job: Source) -> str | None:
+    """The cache key of an evaluation cell; None (never cached) for models behind a user loader."""
+    if isinstance(job, UserModel) or isinstance(teacher_job, UserModel):
+        return None
     return stable_hash({
         "version": EVAL_VERSION,
         "checkpoint": read_meta(job.directory)["sha256"],
@@ -323,6 +336,9 @@ def write_outputs(cfg: SweepConfig, outcome: SweepOutcome, jobs: list[Source], d
     write_json(out / "env.json", env)
     training = {}
     for job in jobs:
+        if isinstance(job, UserModel):
+            training[job.method] = {"loader": job.spec}
+            continue
         meta = read_meta(job.directory)
         training[job.method] = {
             "checkpoint": str(job.directory),

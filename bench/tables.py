@@ -17,6 +17,8 @@ from bench.cells import Row
 
 COLUMNS = [f.name for f in fields(Row)]
 INVALID_MARK = "†"
+OPTIMISTIC_MARK = "‡"
+MARKS = {"invalid": INVALID_MARK, "optimistic": OPTIMISTIC_MARK}
 LAYOUTS = ("wide", "paper", "backward", "guidance", "long")
 FORMATS = ("markdown", "latex", "csv")
 QUALITY_METRICS = ("fid", "fd_digits", "fd_mnist", "energy_distance")  # first present wins (lower is better)
@@ -114,7 +116,7 @@ def wide_markdown(frame: pd.DataFrame, title: str = "") -> str:
             row = [method, str(k)]
             for metric, _, digits in present:
                 cell = cells.get((method, k, metric))
-                row.append(fmt(cell, digits) + (f" {INVALID_MARK}" if cell and cell.flag == "invalid" else ""))
+                row.append(fmt(cell, digits) + (f" {MARKS[cell.flag]}" if cell and cell.flag in MARKS else ""))
             body.append(row)
     head = [f"## {title}", ""] if title else []
     return "\n".join(head + [markdown(["method", "NFE"] + [h for _, h, _ in present], body), "", legend(frame, unit)]) + "\n"
@@ -126,8 +128,10 @@ def legend(frame: pd.DataFrame, unit: str) -> str:
     return (
         f"NLL: few-step negative log-likelihood ({unit}, mean ± standard error over the test points); "
         f"{INVALID_MARK} marks an invalid value (below the true entropy by more than 3 standard errors, "
-        f"or a negative bits/dim). own ref: the method's own instantaneous field through the exact ODE; "
-        f"teacher ref: the flow-matching teacher's. gap: NLL minus own ref (paired). "
+        f"or a negative bits/dim), {OPTIMISTIC_MARK} an optimistic one (below the method's own exact NLL by "
+        f"more than 3 paired standard errors + {_tol_text(unit)}). own ref: the method's own instantaneous "
+        f"field through the exact ODE; teacher ref: the flow-matching teacher's. gap: NLL minus own ref (paired). "
+        f"A dash: not measured (metric group not selected) or not applicable. "
         f"Times are medians of repeats on {', '.join(devices)}. Estimators: {'; '.join(estimators)}."
     )
 
@@ -135,24 +139,31 @@ def legend(frame: pd.DataFrame, unit: str) -> str:
 # The paper's layout -------------------------------------------------------------------------
 
 
-def quality_metric(frame: pd.DataFrame) -> str:
+def _tol_text(unit: str) -> str:
+    from bench.flags import OPTIMISTIC_TOL_BPD
+
+    return f"{OPTIMISTIC_TOL_BPD:g} bits/dim" + (" (0.0139 nats in 2D)" if unit == "nats" else "")
+
+
+def quality_metric(frame: pd.DataFrame) -> str | None:
+    """The sample-quality metric of these results (first of QUALITY_METRICS present), None if the
+    quality group was not measured."""
     for metric in QUALITY_METRICS:
         if (frame["metric"] == metric).any():
             return metric
-    raise ValueError("no sample-quality metric in these results")
+    return None
 
 
 TIE_SIGMAS = 2.0  # values closer than this many combined standard errors share a rank
 
 
 def ranks(values: dict[str, Cell], target: float | None = None) -> dict[str, int]:
-    """Rank 1 (bold) for the best valid value of a column and every value within TIE_SIGMAS
+    """Rank 1 (bold) for the best unflagged value of a column and every value within TIE_SIGMAS
     combined standard errors of it, rank 2 (underlined) for the best of the rest and its ties.
 
-    Sample quality: lower is better. Likelihoods (``target`` given): closer to ``target`` (the
-    teacher's exact NLL) is better, so an optimistic estimate below the truth is not rewarded;
-    only F2D2 estimates are ranked (a naive estimate is not the likelihood of any model) and
-    invalid values never are."""
+    Sample quality: lower is better. Likelihoods (``target`` given, 0 for paired gaps): closer to
+    ``target`` is better; only F2D2 estimates are ranked (a naive estimate is not the likelihood of
+    any model) and flagged values (invalid, optimistic) never are."""
     def score(c: Cell) -> float:
         return abs(c.value - target) if target is not None else c.value
 
@@ -180,44 +191,55 @@ def _finite(x: float) -> float:
 
 def paper_table(frame: pd.DataFrame, fmt_name: str = "markdown", nfe: tuple[int, ...] | None = None) -> str:
     """Rows = methods; column pairs NLL / sample quality at each NFE (8, 4, 2, 1 as in the paper);
-    teacher reference in the caption; best bold, second underlined, invalid marked. Forward-only
-    copies (NAME-fwd) are left to the backward layout."""
+    teacher reference in the caption. NLL columns are ranked by |paired gap to the method's own
+    exact NLL| (F2D2's claim: a model's few-step NLL matches its own exact NLL); flagged values are
+    marked and never ranked; a dash is a value not measured. Forward-only copies (NAME-fwd) are
+    left to the backward layout."""
     unit, quality = unit_of(frame), quality_metric(frame)
-    nll_metric = f"nll_{unit}"
-    available = sorted({int(k) for k in frame.loc[frame["metric"] == nll_metric, "nfe"]}, reverse=True)
-    nfe = tuple(nfe) if nfe else tuple(available)
+    nll_metric, gap_metric = f"nll_{unit}", f"nll_gap_{unit}"
+    measured = frame.loc[frame["metric"].isin([nll_metric, quality]), "nfe"]
+    nfe = tuple(nfe) if nfe else tuple(sorted({int(k) for k in measured}, reverse=True))
     cells = lookup(frame)
     methods = [m for m in methods_of(frame) if not m.endswith(FORWARD_ONLY)]  # those belong to --layout backward
-    columns = [(k, m) for k in nfe for m in (nll_metric, quality)]
-    teacher = frame.loc[frame["metric"] == f"nll_teacher_{unit}", "value"]
-    target = float(teacher.iloc[0]) if len(teacher) else None
-    rank = {
-        (k, m): ranks({name: cells[(name, k, m)] for name in methods if (name, k, m) in cells}, target if m == nll_metric else None)
-        for k, m in columns
-    }
+    qcol = quality or "quality"
+    columns = [(k, m) for k in nfe for m in (nll_metric, qcol)]
+
+    def gap_cell(name: str, k: int) -> Cell | None:
+        nll, gap = cells.get((name, k, nll_metric)), cells.get((name, k, gap_metric))
+        return None if nll is None or gap is None else Cell(gap.value, gap.stderr, nll.flag, nll.estimator)
+
+    rank = {}
+    for k, m in columns:
+        if m == nll_metric:
+            gaps = {name: c for name in methods if (c := gap_cell(name, k)) is not None}
+            rank[(k, m)] = ranks(gaps, 0.0)
+        else:
+            rank[(k, m)] = ranks({name: cells[(name, k, m)] for name in methods if (name, k, m) in cells}) if quality else {}
     caption = paper_caption(frame, unit, quality)
     if fmt_name == "csv":
-        records = []
-        for name in methods:
-            record = {"method": name}
-            for k, m in columns:
-                cell = cells.get((name, k, m))
-                record[f"{m}@{k}"] = cell.value if cell else math.nan
-                record[f"{m}@{k}_flag"] = cell.flag if cell else ""
-            records.append(record)
-        return pd.DataFrame(records).to_csv(index=False)
-    digits = {nll_metric: 2 if unit == "bpd" else 3, quality: 2 if quality != "energy_distance" else 4}
-    body = []
-    for name in methods:
-        row = [name]
-        for k, m in columns:
-            row.append(decorate(cells.get((name, k, m)), digits[m], rank[(k, m)].get(name), fmt_name))
-        body.append(row)
-    qname = {"energy_distance": "ED", "fd_digits": "FD-digits", "fd_mnist": "FD-mnist", "fid": "FID"}[quality]
+        return _paper_csv(methods, columns, cells, gap_metric)
+    digits = {nll_metric: 2 if unit == "bpd" else 3, qcol: 2 if quality != "energy_distance" else 4}
+    body = [[name] + [decorate(cells.get((name, k, m)), digits[m], rank[(k, m)].get(name), fmt_name) for k, m in columns] for name in methods]
+    qname = {"energy_distance": "ED", "fd_digits": "FD-digits", "fd_mnist": "FD-mnist", "fid": "FID"}.get(quality, quality or "quality")
     headers = ["method"] + [f"{'NLL' if m == nll_metric else qname} @{k}" for k, m in columns]
     if fmt_name == "latex":
         return latex_table(headers, body, caption)
     return markdown(headers, body) + "\n\n" + caption + "\n"
+
+
+def _paper_csv(methods: list[str], columns: list[tuple[int, str]], cells: dict, gap_metric: str) -> str:
+    records = []
+    for name in methods:
+        record = {"method": name}
+        for k, m in columns:
+            cell = cells.get((name, k, m))
+            record[f"{m}@{k}"] = cell.value if cell else math.nan
+            record[f"{m}@{k}_flag"] = cell.flag if cell else ""
+            if m.startswith("nll_"):
+                gap = cells.get((name, k, gap_metric))
+                record[f"{gap_metric}@{k}"] = gap.value if gap else math.nan
+        records.append(record)
+    return pd.DataFrame(records).to_csv(index=False)
 
 
 def decorate(cell: Cell | None, digits: int, rank: int | None, fmt_name: str) -> str:
@@ -226,32 +248,36 @@ def decorate(cell: Cell | None, digits: int, rank: int | None, fmt_name: str) ->
         return "-" if fmt_name != "latex" else "--"
     if fmt_name == "latex":
         text = text.replace("-", "$-$", 1) if text.startswith("-") else text
-        if cell.flag == "invalid":
-            return r"\textcolor{gray}{" + text + "}"
+        if cell.flag in MARKS:
+            mark = r"$^\dagger$" if cell.flag == "invalid" else r"$^\ddagger$"
+            return r"\textcolor{gray}{" + text + mark + "}"
         return {1: r"\textbf{" + text + "}", 2: r"\underline{" + text + "}"}.get(rank, text)
-    if cell.flag == "invalid":
-        return text + f" {INVALID_MARK}"
+    if cell.flag in MARKS:
+        return text + f" {MARKS[cell.flag]}"
     return {1: f"**{text}**", 2: f"<u>{text}</u>"}.get(rank, text)
 
 
-def paper_caption(frame: pd.DataFrame, unit: str, quality: str) -> str:
+def paper_caption(frame: pd.DataFrame, unit: str, quality: str | None) -> str:
     teacher = frame[frame["metric"] == f"nll_teacher_{unit}"]
     dataset = ", ".join(sorted(set(frame["dataset"])))
+    qtext = f"{quality}: lower is best." if quality else "Sample quality: not measured (dash)."
     parts = [
-        f"{dataset}: few-step NLL ({unit}) and {quality} at each number of steps. NLL: closest to the "
-        f"teacher's exact NLL is best; {quality}: lower is best."
+        f"{dataset}: few-step NLL ({unit}) and {quality or 'sample quality'} at each number of steps. NLL: ranked by "
+        f"|paired gap to the method's own exact-ODE NLL| (closest to 0 is best; NLL, own reference and gap side by "
+        f"side in the wide table, results.md). {qtext}"
     ]
     if len(teacher):
         row = teacher.iloc[0]
-        parts.append(f"Teacher reference NLL {row.value:.3f} ± {row.stderr:.3f} {unit} ({row.estimator}).")
+        parts.append(f"Teacher's exact NLL {row.value:.3f} ± {row.stderr:.3f} {unit} ({row.estimator}).")
     entropy = frame[frame["metric"] == f"entropy_{unit}"]
     if len(entropy):
         parts.append(f"True entropy {entropy.iloc[0].value:.3f} {unit}.")
     parts.append(
-        f"Best valid value bold, second underlined, values within {TIE_SIGMAS:g} combined standard errors "
-        f"of them share the mark; invalid values ({INVALID_MARK}, grey in LaTeX) lie below the true "
-        "entropy by more than 3 standard errors or are negative bits/dim. Baselines without a "
-        "divergence head report the naive few-step likelihood, which is not ranked."
+        f"Best unflagged value bold, second underlined, values within {TIE_SIGMAS:g} combined standard errors "
+        f"of them share the mark; flagged values are never ranked: {INVALID_MARK} invalid (below the true "
+        f"entropy by more than 3 standard errors, or negative bits/dim), {OPTIMISTIC_MARK} optimistic (below the "
+        f"method's own exact NLL by more than 3 paired standard errors + {_tol_text(unit)}); grey in LaTeX. "
+        "Baselines without a divergence head report the naive few-step likelihood, which is not ranked."
     )
     return " ".join(parts)
 
@@ -261,7 +287,7 @@ def latex_table(headers: list[str], body: list[list[str]], caption: str) -> str:
     lines = [
         r"\begin{table}[t]",
         r"\centering",
-        r"\caption{" + escape(caption).replace("±", r"$\pm$").replace(INVALID_MARK, r"$\dagger$") + "}",
+        r"\caption{" + escape(caption).replace("±", r"$\pm$").replace(INVALID_MARK, r"$\dagger$").replace(OPTIMISTIC_MARK, r"$\ddagger$") + "}",
         r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}",
         r"\toprule",
         " & ".join(escape(h) for h in headers) + r" \\",
@@ -317,6 +343,8 @@ def guidance_table(frame: pd.DataFrame, fmt_name: str = "markdown") -> str:
     sample quality at each NFE with the network calls (forward + backward) it cost; the teacher's
     many-step value, if present, in the caption."""
     quality = quality_metric(frame)
+    if quality is None:
+        raise ValueError("no sample-quality metric in these results (the guidance table needs one)")
     cells = lookup(frame)
     guided = [m for m in methods_of(frame) if "+guided@" in m]
     bases = list(dict.fromkeys(m.split("+guided@")[0] for m in guided))

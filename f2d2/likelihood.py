@@ -28,12 +28,14 @@ class LogProb:
         stderr: (B,) Monte-Carlo standard error (Hutchinson over fixed probes), None if exact.
         x0: (B, *data_shape) the point reached at t = 0.
         nfe: network evaluations (function calls of the field, or of the flow map) used.
+        per_probe: (P, B) the estimate of each Hutchinson probe (P > 1), whose mean is ``log_p``.
     """
 
     log_p: Tensor
     stderr: Tensor | None
     x0: Tensor
     nfe: int
+    per_probe: Tensor | None = None
 
 
 def resolve_backward(model: FlowMap, backward: Backward) -> Literal["trained", "first_order"]:
@@ -146,31 +148,87 @@ def reference_log_prob(
     each probe's integral is a separate estimate, and their spread gives the standard error.
     With ``euler:N`` (the paper's protocol) a fresh set of probes is drawn at every step.
     """
+    x0, integral, num_calls = _joint_ode(velocity, x1, 1.0, 0.0, solver, estimator, generator)
+    # integral = int_1^0 div v dt = -int_0^1 div v dt, one row per probe
+    return _per_probe_mean(prior_log_prob(x0)[None] + integral, x0, num_calls)
+
+
+@dataclass(frozen=True)
+class ExactSamples:
+    """Result of :func:`exact_sample`.
+
+    Attributes:
+        x: (B, *data_shape) samples x_1 of the exact ODE.
+        log_p: (B,) their log-density log p_1(x_1) under the model's flow, in nats.
+        stderr: (B,) Monte-Carlo standard error of ``log_p`` (Hutchinson with P > 1 probes), else None.
+        nfe: calls of the velocity field.
+    """
+
+    x: Tensor
+    log_p: Tensor
+    stderr: Tensor | None
+    nfe: int
+
+
+def exact_sample(
+    velocity: Callable[[Tensor, Tensor], Tensor],
+    x0: Tensor,
+    *,
+    prior_log_prob: Callable[[Tensor], Tensor],
+    solver: Solver = Solver(),
+    estimator: Estimator = Exact(),
+    generator: torch.Generator | None = None,
+) -> ExactSamples:
+    """Samples of the exact ODE with their exact log-density: the joint ODE of
+    :func:`reference_log_prob` integrated forward from noise x0 (B, *shape) at t = 0 to t = 1,
+    log p_1(x_1) = log p_0(x_0) - int_0^1 div v(x_t, t) dt (METHOD.md Sec. 4; the proposal of the
+    importance-sampled total mass of a few-step density)."""
+    x1, integral, num_calls = _joint_ode(velocity, x0, 0.0, 1.0, solver, estimator, generator)
+    result = _per_probe_mean(prior_log_prob(x0)[None] - integral, x1, num_calls)
+    return ExactSamples(x1, result.log_p, result.stderr, num_calls)
+
+
+def _per_probe_mean(log_p: Tensor, end: Tensor, num_calls: int) -> LogProb:
+    """(P, B) per-probe log-densities -> their mean and (P > 1) standard error per sample."""
+    num_probes = log_p.shape[0]
+    if num_probes == 1:
+        return LogProb(log_p[0], None, end, num_calls)
+    return LogProb(log_p.mean(0), log_p.std(0) / num_probes**0.5, end, num_calls, log_p)
+
+
+def _joint_ode(
+    velocity: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    t_from: float,
+    t_to: float,
+    solver: Solver,
+    estimator: Estimator,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, int]:
+    """Integrate dx/dt = v(x, t), dl/dt = div v(x, t) from ``t_from`` to ``t_to``; returns the end
+    point (B, *shape), l = int_{t_from}^{t_to} div v dt per probe (P, B) and the field calls used."""
     from torchdiffeq import odeint  # heavy import kept local
 
     num_probes = estimator.num_probes if isinstance(estimator, Hutchinson) else 1
     fixed = None
     if isinstance(estimator, Hutchinson) and solver.num_steps is None:
-        fixed = estimator.probes(x1, generator)
+        fixed = estimator.probes(x, generator)
     num_calls = 0
 
     def rhs(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         nonlocal num_calls
         num_calls += 1
-        x, _ = state
-        div = divergence(_time_slice(velocity, t), x, estimator, probes=fixed, generator=generator)
+        y, _ = state
+        div = divergence(_time_slice(velocity, t), y, estimator, probes=fixed, generator=generator)
         rate = div.per_probe if div.per_probe is not None else div.value[None]
         return div.output.detach(), rate.detach()
 
-    zeros = torch.zeros(num_probes, x1.shape[0], dtype=x1.dtype, device=x1.device)
-    times = torch.tensor([1.0, 0.0], dtype=x1.dtype, device=x1.device)
+    zeros = torch.zeros(num_probes, x.shape[0], dtype=x.dtype, device=x.device)
+    times = torch.tensor([t_from, t_to], dtype=x.dtype, device=x.device)
     if solver.num_steps is None:
         kwargs = dict(method="dopri5", rtol=solver.rtol, atol=solver.atol)
     else:
         kwargs = dict(method="euler", options=dict(step_size=1.0 / solver.num_steps))
     with torch.no_grad():
-        xs, ls = odeint(rhs, (x1, zeros), times, **kwargs)
-    x0, delta = xs[-1], ls[-1]  # delta = -int_0^1 div v dt, one row per probe
-    log_p = prior_log_prob(x0)[None] + delta
-    stderr = log_p.std(0) / num_probes**0.5 if num_probes > 1 else None
-    return LogProb(log_p.mean(0), stderr, x0, num_calls)
+        xs, ls = odeint(rhs, (x, zeros), times, **kwargs)
+    return xs[-1], ls[-1], num_calls

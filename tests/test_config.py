@@ -125,3 +125,17 @@ def test_committed_checkpoint_keys_are_stable():
     job = Job("flow-matching", get_method("flow-matching").config, cfg.model, cfg.teacher_train, "checkerboard",
               None, 10.0, 2.31, None, "/nonexistent")
     assert job.key == KNOWN_TEACHER_KEY
+
+
+@pytest.mark.parametrize("metric, method, group", [
+    ("nll_bpd", "m", "nll"), ("nll_gap_map_nats", "m", "nll"), ("nll_first_order_bpd", "m", "nll"), ("entropy_nats", "m", "nll"),
+    ("ref_nfe", "m", "nll"), ("ref_mc_stderr_bpd", "m", "nll"), ("calib_floor_within", "m", "calibration"),
+    ("calib_mae_nats", "m", "calibration"), ("nll_wall_s", "m", "timing"), ("ref_wall_s", "m", "timing"),
+    ("nll_speedup", "m", "timing"), ("sample_wall_s", "m", "timing"), ("mass", "m", "mass"), ("fid", "m", "quality"),
+    ("fd_digits", "m", "quality"), ("energy_distance", "m", "quality"), ("support_share", "m", "quality"),
+    ("network_calls_forward", "m", "guidance"), ("fd_digits", "m+guided@0.1", "guidance"),
+])
+def test_every_metric_belongs_to_the_group_that_writes_it(metric, method, group):
+    from bench.config import metric_group
+
+    assert metric_group(metric, method) == group

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from typer.testing import CliRunner
 
 from bench.check import compare, failed, load_rules
 from bench.cli import app
-from bench.env import cpu_model
+from bench.env import cpu_model, package_version
 from bench.tables import read_rows
 
 CI = Path(__file__).resolve().parent.parent / "results" / "ci"
@@ -25,7 +24,9 @@ BASELINE = CI / "checkerboard" / "results.csv"
 
 
 def same_machine_kind(env: dict) -> bool:
-    return env.get("cpu_model") == cpu_model() and env["versions"].get("torch") == torch.__version__
+    # env.json records package versions from the installed metadata ('2.14.1'), not torch.__version__
+    # ('2.14.1+cu130'); comparing those two never matched, so the loose cross-machine rules always applied.
+    return env.get("cpu_model") == cpu_model() and env["versions"].get("torch") == package_version("torch")
 
 
 def test_ci_profile_matches_the_committed_baseline(tmp_path):
@@ -38,3 +39,14 @@ def test_ci_profile_matches_the_committed_baseline(tmp_path):
     assert len(report) >= len(baseline) and (report["status"] != "missing").all()
     bad = failed(report)
     assert bad.empty, "regressions against results/ci:\n" + bad.to_string()
+
+
+def test_the_committed_baseline_was_made_on_this_kind_of_machine_or_says_why_not():
+    """Guards the rule above: on the development machine kind the strict default rules must be the
+    ones that apply (a version-string mismatch once made the loose rules apply everywhere)."""
+    env = json.loads((CI / "checkerboard" / "env.json").read_text())
+    if env.get("cpu_model") != cpu_model():
+        import pytest
+
+        pytest.skip(f"CI runs on {cpu_model()}, the baseline was made on {env.get('cpu_model')}")
+    assert same_machine_kind(env), (env["versions"].get("torch"), package_version("torch"))

@@ -15,46 +15,90 @@ def test_ranks_lower_is_better_with_statistical_ties():
     assert ranks(values) == {"a": 1, "b": 1, "c": 2, "d": 2}
 
 
-def test_ranks_likelihoods_by_distance_to_the_teacher_and_skip_naive_and_invalid():
+def test_ranks_likelihoods_by_distance_to_the_target_and_skip_naive_and_flagged():
     values = {
-        "optimistic": Cell(3.0, 0.001, "", "f2d2-trained"),  # far below the teacher's 3.5
-        "close": Cell(3.52, 0.001, "", "f2d2-trained"),
-        "closer_naive": Cell(3.5, 0.001, "", "naive/exact"),
-        "invalid": Cell(3.49, 0.001, "invalid", "f2d2-trained"),
-        "second": Cell(3.7, 0.001, "", "f2d2-first_order"),
+        "far": Cell(-0.5, 0.001, "", "f2d2-trained"),
+        "close": Cell(0.02, 0.001, "", "f2d2-trained"),
+        "closer_naive": Cell(0.0, 0.001, "", "naive/exact"),
+        "invalid": Cell(-0.01, 0.001, "invalid", "f2d2-trained"),
+        "optimistic": Cell(-0.011, 0.001, "optimistic", "f2d2-trained"),
+        "second": Cell(0.2, 0.001, "", "f2d2-first_order"),
     }
-    assert ranks(values, target=3.5) == {"close": 1, "second": 2}
+    assert ranks(values, target=0.0) == {"close": 1, "second": 2}
 
 
 def frame(rows):
     return rows_frame([Row("toy", m, k, metric, v, se, flag, est) for m, k, metric, v, se, flag, est in rows])
 
 
-def test_paper_table_marks_and_caption():
+def paper_rows(with_quality: bool = True) -> list[tuple]:
+    """A sweep where the estimate nearest the teacher's NLL is optimistic (the review's case):
+    c-f2d2 lands on the teacher's 3.5 only because it sits 0.3 below its own exact NLL."""
     rows = []
     for k in (1, 2):
         rows += [
             ("flow-matching", k, "nll_nats", 9.0, 0.01, "", "naive/exact"),
-            ("flow-matching", k, "energy_distance", 0.5, 0.001, "", ""),
+            ("flow-matching", k, "nll_gap_nats", 5.5, 0.01, "", "naive/exact"),
             ("flow-matching", k, "nll_teacher_nats", 3.5, 0.01, "", "dopri5/exact"),
-            ("a-f2d2", k, "nll_nats", 3.51, 0.001, "", "f2d2-trained"),
-            ("a-f2d2", k, "energy_distance", 0.1, 0.001, "", ""),
+            ("a-f2d2", k, "nll_nats", 3.30, 0.01, "", "f2d2-trained"),
+            ("a-f2d2", k, "nll_gap_nats", -0.005, 0.002, "", "f2d2-trained"),
+            ("d-f2d2", k, "nll_nats", 3.70, 0.01, "", "f2d2-trained"),
+            ("d-f2d2", k, "nll_gap_nats", 0.10, 0.01, "", "f2d2-trained"),
+            ("c-f2d2", k, "nll_nats", 3.49, 0.01, "optimistic", "f2d2-trained"),
+            ("c-f2d2", k, "nll_gap_nats", -0.30, 0.01, "", "f2d2-trained"),
             ("b-f2d2", k, "nll_nats", 3.0, 0.001, "invalid", "f2d2-trained"),
-            ("b-f2d2", k, "energy_distance", 0.2, 0.001, "", ""),
+            ("b-f2d2", k, "nll_gap_nats", 0.0, 0.001, "", "f2d2-trained"),
             ("b-f2d2-fwd", k, "nll_nats", 3.4, 0.001, "", "f2d2-first_order"),
-            ("b-f2d2-fwd", k, "energy_distance", 0.3, 0.001, "", ""),
+            ("b-f2d2-fwd", k, "nll_gap_nats", 0.0, 0.001, "", "f2d2-first_order"),
         ]
-    text = paper_table(frame(rows))
+        if with_quality:
+            rows += [(m, k, "energy_distance", v, 0.001, "", "") for m, v in
+                     (("flow-matching", 0.5), ("a-f2d2", 0.1), ("d-f2d2", 0.3), ("c-f2d2", 0.4), ("b-f2d2", 0.2), ("b-f2d2-fwd", 0.3))]
+    return rows
+
+
+def test_paper_table_ranks_the_paired_gap_and_never_an_optimistic_or_invalid_value():
+    text = paper_table(frame(paper_rows()))
     lines = text.splitlines()
     assert lines[0].startswith("| method | NLL @2 | ED @2 | NLL @1 | ED @1 |")
-    assert "| a-f2d2 | **3.510** | **0.1000** | **3.510** | **0.1000** |" in text
+    assert "| a-f2d2 | **3.300** | **0.1000** | **3.300** | **0.1000** |" in text  # smallest |gap|, far from the teacher
+    assert "| d-f2d2 | <u>3.700</u> |" in text
+    assert "| c-f2d2 | 3.490 ‡ | 0.4000 |" in text  # nearest the teacher, but optimistic: marked, not ranked
     assert "| b-f2d2 | 3.000 † | <u>0.2000</u> |" in text
+    assert "| flow-matching | 9.000 |" in text  # naive: shown, not ranked
     assert "b-f2d2-fwd" not in text  # forward-only copies belong to the backward layout
-    assert "Teacher reference NLL 3.500" in text
-    latex = paper_table(frame(rows), "latex")
-    assert r"\textbf{3.510}" in latex and r"\textcolor{gray}{3.000}" in latex
-    csv = paper_table(frame(rows), "csv")
-    assert csv.splitlines()[0].startswith("method,nll_nats@2,nll_nats@2_flag")
+    assert "Teacher's exact NLL 3.500" in text and "paired gap to the method's own exact-ODE NLL" in text
+    latex = paper_table(frame(paper_rows()), "latex")
+    assert r"\textbf{3.300}" in latex and r"\textcolor{gray}{3.000$^\dagger$}" in latex
+    assert r"\textcolor{gray}{3.490$^\ddagger$}" in latex
+    csv = paper_table(frame(paper_rows()), "csv")
+    assert csv.splitlines()[0].startswith("method,nll_nats@2,nll_nats@2_flag,nll_gap_nats@2")
+
+
+def test_paper_table_ties_within_two_standard_errors_of_the_gap_share_the_mark():
+    rows = paper_rows()
+    rows += [("e-f2d2", k, "nll_nats", 3.4, 0.01, "", "f2d2-trained") for k in (1, 2)]
+    rows += [("e-f2d2", k, "nll_gap_nats", -0.009, 0.001, "", "f2d2-trained") for k in (1, 2)]  # |gap| within 2 se
+    rows += [("f-f2d2", k, "nll_nats", 3.4, 0.01, "", "f2d2-trained") for k in (1, 2)]
+    rows += [("f-f2d2", k, "nll_gap_nats", 0.0115, 0.0001, "", "f2d2-trained") for k in (1, 2)]  # just outside
+    text = paper_table(frame(rows))
+    assert "| e-f2d2 | **3.400** |" in text
+    assert "| f-f2d2 | <u>3.400</u> |" in text
+
+
+def test_paper_table_without_sample_quality_shows_dashes_not_zeros():
+    text = paper_table(frame(paper_rows(with_quality=False)))
+    assert text.splitlines()[0].startswith("| method | NLL @2 | quality @2 | NLL @1 | quality @1 |")
+    assert "| a-f2d2 | **3.300** | - | **3.300** | - |" in text
+    assert "Sample quality: not measured" in text
+
+
+def test_wide_table_marks_both_flags_and_dashes_what_is_missing():
+    rows = [("m", 1, "nll_nats", 3.0, 0.01, "optimistic", "f2d2-trained"), ("m", 2, "nll_nats", 3.1, 0.01, "invalid", "f2d2-trained"),
+            ("m", 1, "energy_distance", 0.1, 0.01, "", "")]
+    text = render(frame(rows), "wide", "markdown")
+    assert "| m | 1 | 3.000 ± 0.010 ‡ | 0.1000 ± 0.0100 |" in text
+    assert "| m | 2 | 3.100 ± 0.010 † | - |" in text
 
 
 def test_backward_and_guidance_layouts():

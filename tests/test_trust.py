@@ -359,6 +359,28 @@ CASES: dict[str, Callable] = {
     "out: unwritable dir": out_unwritable,
     "out: regular file": out_is_file,
     "cache dir: regular file": cache_is_file,
+    # option values are checked before any work starts (issue 15: each of these once started a sweep)
+    "device=tpu9": lambda tmp, request: (["--device", "tpu9"], ["tpu9", "cpu", "cuda"]),
+    "device=cuda:7 (absent)": lambda tmp, request: (["--device", "cuda:7"], ["cuda:7"]),
+    "jobs=0": lambda tmp, request: (["--jobs", "0"], ["--jobs", "0"]),
+    "jobs=-3": lambda tmp, request: (["--jobs", "-3"], ["--jobs", "-3"]),
+    "dataset=(empty)": lambda tmp, request: (["--dataset", ""], ["unknown dataset", "checkerboard"]),
+    "nfe=99999999999999999999": lambda tmp, request: (["--nfe", "99999999999999999999"], ["nfe", "4096"]),
+    "nfe=1,5000": lambda tmp, request: (["--nfe", "1,5000"], ["nfe", "4096", "5000"]),
+    "metrics: unknown group": lambda tmp, request: (
+        ["--metrics", "nll,fidd"], ["fidd", "nll", "calibration", "quality", "timing", "mass", "guidance"]
+    ),
+    "metrics: empty item": lambda tmp, request: (["--metrics", "nll,,quality"], ["--metrics"]),
+    "metrics: duplicated": lambda tmp, request: (["--metrics", "nll,nll"], ["duplicated"]),
+    "metrics: guidance without etas": lambda tmp, request: (["--metrics", "guidance"], ["guidance_etas"]),
+    "num-test=0": lambda tmp, request: (["--num-test", "0"], ["num_test", "0"]),
+    "num-samples=1e11": lambda tmp, request: (["--num-samples", "100000000000"], ["num_samples"]),
+    "steps=0": lambda tmp, request: (["--steps", "0"], ["steps", "0"]),
+    "out=(empty)": lambda tmp, request: (["--out", ""], ["--out"]),
+    "checkpoint: loader module missing": lambda tmp, request: (["--checkpoint", "mine=nosuchpkg.models:load"], ["nosuchpkg"]),
+    "checkpoint: loader returns no FlowMap": lambda tmp, request: (["--checkpoint", "mine=os:getcwd"], ["os:getcwd", "FlowMap"]),
+    "yaml: NaN learning rate": yaml_file("train: {lr: .nan}\n", "train.lr", "finite"),
+    "yaml: infinite kappa": yaml_file("kappa: .inf\n", "kappa", "finite"),
 }
 
 
@@ -401,7 +423,8 @@ def observe(case: str, tmp: Path, request, in_process: bool = True) -> Observed:
     built = {**CASES, **PARSER_CASES}[case](tmp, request)
     extra, names, out = (*built, tmp / "out") if len(built) == 2 else built
     existed, before = out.exists(), snapshot(tmp)
-    code, stdout, stderr, crash = invoke(["sweep", *extra, "--out", str(out), "--jobs", "1"], in_process)
+    # the case's own options come last: for a repeated option the last value wins
+    code, stdout, stderr, crash = invoke(["sweep", "--out", str(out), "--jobs", "1", *extra], in_process)
     lines, problems = stderr.splitlines(), []
     if code != EXIT_USAGE:
         problems.append(f"exit status {code}, expected {EXIT_USAGE}")
@@ -723,3 +746,52 @@ def test_atomic_writes_get_ordinary_permissions_and_leave_nothing_on_failure(tmp
     with pytest.raises(RuntimeError, match="writer failed"):
         write_with(tmp_path / "c.md", failing)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.md", "b.md"]
+
+
+# guide: its own options, the same contract (one error line, exit 2, nothing written)
+GUIDE_CASES = {
+    "eta=nan": (["--eta", "nan"], ["eta", "finite"]),
+    "eta=0": (["--eta", "0"], ["eta", "> 0"]),
+    "eta=-0.1": (["--eta", "-0.1"], ["eta", "> 0"]),
+    "eta=0.1,0.1": (["--eta", "0.1,0.1"], ["eta", "duplicated"]),
+    "eta=abc": (["--eta", "abc"], ["eta", "abc"]),
+    "steps=0": (["--steps", "0"], ["guidance_steps", "0"]),
+    "teacher-steps=-1": (["--teacher-steps", "-1"], ["teacher_steps", "-1"]),
+    "teacher-steps=10^6": (["--teacher-steps", "1000000"], ["teacher_steps", "4096"]),
+    "method without a head": (["--method", "meanflow"], ["meanflow", "divergence head"]),
+    "unknown method": (["--method", "nope"], ["nope"]),
+    "device=tpu9": (["--device", "tpu9"], ["tpu9"]),
+    "out=(empty)": (["--out", ""], ["--out"]),
+}
+
+
+@pytest.mark.parametrize("case", list(GUIDE_CASES))
+def test_guide_bad_input_one_error_line_exit_2_nothing_written(case, tmp_path):
+    extra, names = GUIDE_CASES[case]
+    out = tmp_path / "out"
+    before = snapshot(tmp_path)
+    args = ["guide", "--method", "meanflow-f2d2", "--eta", "0.1", "--out", str(out), *extra]
+    code, stdout, stderr, crash = invoke(args, in_process=True)
+    lines = stderr.splitlines()
+    assert code == EXIT_USAGE and not crash, (code, crash, stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert all(name in lines[0] for name in names), (names, lines[0])
+    assert snapshot(tmp_path) == before
+
+
+def test_the_main_job_writes_only_where_git_ignores_it():
+    """`make sweep` (the CLI's default --out) never rewrites the committed results/, so the README's
+    two commands work in either order: results/ and README.md stay as committed."""
+    import inspect
+
+    from bench.cli import DEFAULT_OUT, guide, sweep
+
+    for command in (sweep, guide):
+        assert inspect.signature(command).parameters["out"].default == Path(DEFAULT_OUT)
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git clone")
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{DEFAULT_OUT}/checkerboard/results.csv"], cwd=root)
+    assert ignored.returncode == 0, f"{DEFAULT_OUT}/ is not ignored by git"
+    makefile = (root / "Makefile").read_text()
+    assert "--out" not in makefile.split("sweep: $(STAMP)")[1].split("\n\n")[0]  # make sweep uses the default
