@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -134,9 +135,10 @@ def _collective(what: str, call: Callable[[], T]) -> T:
         lost = isinstance(err, tdist.DistError) or any(word in str(err).lower() for word in PEER_ERRORS)
         if isinstance(err, PeerLost) or not lost:
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip())  # gloo prefixes its source file and line
+        cause = (re.split(r"\.\s", text, maxsplit=1)[0] if text else type(err).__name__)[:200]
         raise PeerLost(
-            f"rank {rank()} of {world_size()} lost contact with the other ranks during {what} ({first[:160]}); "
+            f"rank {rank()} of {world_size()} lost contact with the other ranks during {what} ({cause}); "
             "another rank has probably died (see the launcher's summary). Rerun the same command to resume "
             "from the last checkpoint, at this or another world size."
         ) from None
