@@ -50,16 +50,21 @@ def launched() -> bool:
     return all(name in os.environ for name in LAUNCHER_VARS)
 
 
+def _initialized() -> bool:
+    """A process group exists (torch builds without distributed support have none)."""
+    return tdist.is_available() and tdist.is_initialized()
+
+
 def _env_int(name: str, default: int) -> int:
     return int(os.environ[name]) if launched() else default
 
 
 def rank() -> int:
-    return tdist.get_rank() if tdist.is_initialized() else _env_int("RANK", 0)
+    return tdist.get_rank() if _initialized() else _env_int("RANK", 0)
 
 
 def world_size() -> int:
-    return tdist.get_world_size() if tdist.is_initialized() else _env_int("WORLD_SIZE", 1)
+    return tdist.get_world_size() if _initialized() else _env_int("WORLD_SIZE", 1)
 
 
 def local_rank() -> int:
@@ -77,7 +82,7 @@ def is_main() -> bool:
 
 
 def backend() -> str | None:
-    return tdist.get_backend() if tdist.is_initialized() else None
+    return tdist.get_backend() if _initialized() else None
 
 
 def rank_device(device: torch.device) -> torch.device:
@@ -109,7 +114,7 @@ def process_group(device: torch.device) -> Iterator[None]:
     exception, or by KeyboardInterrupt/SIGTERM raised in it (bench/cli.py turns SIGTERM into one).
     CUDA ranks get NCCL and ``torch.cuda.set_device(device)``; CPU ranks get gloo and, with several
     ranks on the node, :func:`cpu_threads` torch threads each."""
-    if not launched() or tdist.is_initialized():
+    if not launched() or _initialized():
         yield
         return
     if device.type == "cuda":

@@ -6,6 +6,7 @@ what a 2-rank run must match and why only to a float tolerance.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -74,6 +75,41 @@ def test_launch_checks(monkeypatch):
         dist.rank_device(torch.device("cuda", 0))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(5)))
     assert dist.cpu_threads() == 2  # 5 cores shared by 2 local ranks
+    _torchrun_env(monkeypatch, rank=1, local_world=1)  # one rank per node may pin its GPU
+    assert dist.rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1) and dist.cpu_threads() == 5
+
+
+@pytest.mark.parametrize("stop", [None, ValueError, KeyboardInterrupt])
+def test_the_process_group_is_torn_down_on_every_exit_path(monkeypatch, stop):
+    """A one-rank torchrun environment in this process: a real gloo group, then none again."""
+    from torch import distributed as tdist
+
+    from torchrun_helpers import free_port
+
+    env = {"RANK": 0, "WORLD_SIZE": 1, "LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    with pytest.raises(stop) if stop else contextlib.nullcontext():
+        with dist.process_group(torch.device("cpu")):
+            assert tdist.is_initialized() and dist.backend() == "gloo" and dist.is_main()
+            if stop:
+                raise stop()
+    assert not tdist.is_initialized()
+
+
+def test_a_dead_peer_is_reported_and_other_errors_are_not_disguised():
+    def gloo_reset():
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:4321: Connection reset by peer. "
+                           "This is typically caused by a remote worker hanging")
+
+    with pytest.raises(dist.PeerLost, match=r"during a barrier \(Read error \[10.0.0.2\]:4321: Connection reset by peer\); another rank"):
+        dist._collective("a barrier", gloo_reset)
+
+    def misuse():
+        raise RuntimeError("Tensors must be CUDA and dense")
+
+    with pytest.raises(RuntimeError, match="^Tensors must be CUDA and dense$"):
+        dist._collective("a barrier", misuse)
 
 
 def test_world_size_one_helpers_are_identities():
