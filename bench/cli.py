@@ -7,6 +7,10 @@ Ctrl-C and SIGTERM print one line too and exit with 130 and 143, whatever except
 surfaced as: torch's C++ can turn the KeyboardInterrupt raised inside a tensor constructor into a
 ValueError ("could not determine the shape of object type ..."), so :func:`main` records every stop
 signal it receives and reports the stop, never the side effect.
+
+Under torchrun (``torchrun --nproc_per_node N $(which f2d2-bench) sweep ...``) the commands run on
+every rank inside :func:`bench.dist.process_group`; rank 0 alone prints progress, errors and the
+stop line, and writes files. A rank that loses its peers says so on its own line and exits 1.
 """
 
 from __future__ import annotations
@@ -33,11 +37,42 @@ class UserError(Exception):
     """An error to report as one line, without a traceback."""
 
 
+EXIT_PEER_LOST = 1
+
+
 def _fail(message: str) -> None:
+    from bench import dist
+
     if _STOP_SIGNALS:  # an error caused by Ctrl-C / SIGTERM arriving mid-call is the stop, not bad input
         raise typer.Exit(_say_stopped(_STOP_SIGNALS[0]))
-    typer.echo(f"error: {message}", err=True)
+    if dist.is_main():  # every rank finds the same bad option: one line, from rank 0
+        typer.echo(f"error: {message}", err=True)
     raise typer.Exit(EXIT_USAGE)
+
+
+def _peer_lost():
+    from bench.dist import PeerLost
+
+    return PeerLost
+
+
+def _lost(err: Exception) -> None:
+    """A rank whose peers died says so on its own line (unless it is being stopped), exit 1."""
+    if not _STOP_SIGNALS:
+        typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(_say_stopped(_STOP_SIGNALS[0]) if _STOP_SIGNALS else EXIT_PEER_LOST)
+
+
+def _training_processes(jobs: Optional[int]) -> int:
+    """--jobs: independent CPU training processes (default one per core, at most 2), or 1 under
+    torchrun (its ranks train each model together)."""
+    from bench import dist
+
+    if dist.launched():
+        if jobs is not None and jobs > 1:
+            raise UserError(f"--jobs {jobs} starts its own training processes; under torchrun the ranks train each model together: drop --jobs")
+        return 1
+    return jobs if jobs is not None else max(1, min(2, os.cpu_count() or 1))
 
 
 def _user_errors():
@@ -206,6 +241,8 @@ def sweep(
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Train what is missing, evaluate every method at every NFE, write results.csv and results.md."""
+    from bench import dist
+
     try:
         _check_options(jobs, out, cache_dir)
         shortcuts = {"metrics": metrics, "num_test": num_test, "num_samples": num_samples, "steps": steps}
@@ -213,11 +250,10 @@ def sweep(
         from bench.env import resolve_device
         from bench.sweep import check_writable, run_sweep
 
-        dev = resolve_device(device)
+        dev = dist.rank_device(resolve_device(device))
+        num_jobs = _training_processes(jobs)
         check_writable(out)
-        num_jobs = jobs if jobs is not None else max(1, min(2, os.cpu_count() or 1))
-        reporter = _reporter(quiet)
-        with reporter:
+        with dist.process_group(dev), _reporter(quiet) as reporter:
             outcome = run_sweep(
                 cfg, out, cache_dir=cache_dir, data_dir=str(data_dir) if data_dir else None,
                 device=dev, jobs=num_jobs, reporter=reporter,
@@ -225,11 +261,13 @@ def sweep(
             )
     except _user_errors() as err:
         _fail(str(err))
+    except _peer_lost() as err:
+        _lost(err)
     except ValueError as err:  # e.g. an unavailable device
         _fail(str(err))
     except KeyboardInterrupt as err:
         _interrupted(err)
-    if not quiet:
+    if not quiet and dist.is_main():
         typer.echo((outcome.out_dir / "results.md").read_text())
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.stage_s.items())
         typer.echo(f"wrote {outcome.out_dir}/results.csv and results.md ({stages})")
@@ -264,7 +302,9 @@ def _say_stopped(signum: int) -> int:
     evaluation cells are reused by the rerun, an unfinished training resumes from its last save."""
     import signal
 
-    if not _STOP_REPORTED:
+    from bench import dist
+
+    if not _STOP_REPORTED and dist.is_main():
         what = "terminated" if signum == signal.SIGTERM else "interrupted"
         typer.echo(
             f"{what}: every file on disk is complete; rerun the same command to resume "
@@ -276,9 +316,11 @@ def _say_stopped(signum: int) -> int:
 
 
 def _reporter(quiet: bool):
+    """Progress on stderr, from rank 0 only."""
+    from bench import dist
     from bench.progress import RichReporter, SilentReporter
 
-    return SilentReporter() if quiet else RichReporter()
+    return SilentReporter() if quiet or not dist.is_main() else RichReporter()
 
 
 @app.command()
@@ -299,6 +341,8 @@ def guide(
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Self-guidance: sample quality with and without one Adam step on the noise, per NFE and eta."""
+    from bench import dist
+
     try:
         from dataclasses import replace
 
@@ -319,18 +363,22 @@ def guide(
         if len(set(etas)) != len(etas):
             raise UserError(f"--eta has duplicated values: {eta}")
         cfg = replace(cfg, eval=replace(cfg.eval, guidance_etas=etas, guidance_prior=prior, guidance_steps=steps, teacher_steps=teacher_steps))
-        dev = resolve_device(device)
+        dev = dist.rank_device(resolve_device(device))
         check_writable(out)
-        with _reporter(quiet) as reporter:
+        with dist.process_group(dev), _reporter(quiet) as reporter:
             outcome = run_sweep(
                 cfg, out / "guidance", cache_dir=cache_dir or out / "checkpoints",
                 data_dir=str(data_dir) if data_dir else None, device=dev, reporter=reporter,
             )
+        if not dist.is_main():  # rank 0 evaluated and writes
+            return
         from bench.io import write_text
         from bench.tables import guidance_table, rows_frame
 
         text = guidance_table(rows_frame(outcome.rows))
         write_text(outcome.out_dir / "guidance.md", text)
+    except _peer_lost() as err:
+        _lost(err)
     except (*_user_errors(), ValueError) as err:
         _fail(str(err))
     except KeyboardInterrupt as err:

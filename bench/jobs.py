@@ -4,6 +4,16 @@ A job is one method to train for one sweep. Its directory is
 ``<cache>/<dataset>/<method>-<key>/``; a complete checkpoint there is reused, a partial one
 (written every ``train.checkpoint_every`` steps) is resumed bit for bit, nothing else is trusted.
 Jobs are plain dataclasses so that independent ones can train in parallel worker processes.
+
+Under torchrun every rank runs the same job (bench/train.py trains it data-parallel). Rank 0 alone
+writes checkpoints; the others wait at a barrier after each save, so that a checkpoint (say, the
+teacher's) is complete before any rank reads it. The cache directory must be one that every rank
+sees (a shared filesystem on several nodes). A checkpoint records the world size it was saved at,
+every rank's generator state and the world-size history (``world_sizes``). Resuming at the same
+world size restores each rank's generator, so the run continues exactly as if never stopped;
+at another world size each rank re-seeds from (seed, rank, step) (:func:`bench.train.stream_seed`),
+deterministic but a different data order. The cache key leaves the world size out: weights trained
+at one world size are reused at any other.
 """
 
 from __future__ import annotations
@@ -17,12 +27,13 @@ from pathlib import Path
 import torch
 
 from baselines import get_method
+from bench import dist
 from bench.checkpoint import CheckpointError, load_checkpoint, prefixed, read_meta, read_tensors, save_checkpoint
 from bench.config import ModelConfig, TrainConfig, key_dict, stable_hash, to_dict
 from bench.datasets import get_dataset
 from bench.io import remove_stale_temporaries
 from bench.models import build_model
-from bench.train import TrainState, init_state, train
+from bench.train import TrainState, init_state, scored_on_main, stream_seed, train
 from f2d2.method import MethodConfig
 
 CACHE_VERSION = 1  # bump when a code change makes old checkpoints unusable
@@ -82,19 +93,31 @@ class Job:
             return "missing"
 
 
-def _state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
+RANK_GENERATOR = "rng/generator/rank{}"  # ranks >= 1; rank 0's stays "rng/generator" (one-process name)
+
+
+def _state_tensors(state: TrainState, generators: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     tensors = {f"model/{k}": v for k, v in state.model.state_dict().items()}
     tensors |= {f"ema/{k}": v for k, v in state.ema.state_dict().items()}
     opt = state.optimizer.state_dict()
     for idx, slots in opt["state"].items():
         tensors |= {f"optim/{idx}/{name}": torch.as_tensor(v) for name, v in slots.items()}
-    tensors["rng/generator"] = state.generator.get_state()
+    tensors["rng/generator"] = generators[0]
+    tensors |= {RANK_GENERATOR.format(r): g for r, g in enumerate(generators[1:], start=1)}
     if state.best is not None:
         tensors |= {f"best/{k}": v for k, v in state.best["state"].items()}
     return tensors
 
 
 def _save(job: Job, state: TrainState, complete: bool) -> None:
+    """Every rank calls this: the generator states are gathered, rank 0 writes, all meet after."""
+    generators = dist.all_gather_objects(state.generator.get_state())
+    if dist.is_main():
+        _write(job, state, complete, generators)
+    dist.barrier()
+
+
+def _write(job: Job, state: TrainState, complete: bool, generators: list[torch.Tensor]) -> None:
     caps = state.model.capabilities
     meta = {
         "method": job.method,
@@ -121,8 +144,10 @@ def _save(job: Job, state: TrainState, complete: bool) -> None:
         "select": job.train.select,
         "best_step": state.best["step"] if state.best else None,
         "best_value": state.best["value"] if state.best else None,
+        "world_size": len(generators),
+        "world_sizes": state.world_sizes,
     }
-    save_checkpoint(job.directory, _state_tensors(state), meta)
+    save_checkpoint(job.directory, _state_tensors(state, generators), meta)
 
 
 def _restore(job: Job, state: TrainState) -> None:
@@ -135,8 +160,13 @@ def _restore(job: Job, state: TrainState) -> None:
         idx, slot = name.split("/")
         slots.setdefault(int(idx), {})[slot] = value
     state.optimizer.load_state_dict({"state": slots, "param_groups": meta["optimizer_param_groups"]})
-    state.generator.set_state(tensors["rng/generator"])
     state.step, state.num_skipped = meta["step"], meta["num_skipped"]
+    if meta.get("world_size", 1) == dist.world_size():  # continue every rank's own stream
+        rank = dist.rank()
+        state.generator.set_state(tensors["rng/generator" if rank == 0 else RANK_GENERATOR.format(rank)])
+    else:  # the saved streams belong to another split of the batch: start fresh, reproducible ones
+        state.generator.manual_seed(stream_seed(job.train.seed, dist.rank(), state.step))
+    state.world_sizes = meta.get("world_sizes", [{"from_step": 0, "world_size": 1}])
     state.history, state.running, state.wall_s = meta["history"], meta["running"], meta["train_wall_s"]
     state.validation = meta.get("validation", [])
     best = prefixed(tensors, "best/")
@@ -148,9 +178,11 @@ def run_job(job: Job, device: str = "cpu", progress: Progress | None = None, thr
     """Train ``job`` (resuming a partial checkpoint) unless a complete one exists; return its directory."""
     if threads is not None:
         torch.set_num_threads(threads)
-    if job.status() == "complete":
+    status = dist.broadcast_object(job.status())  # rank 0's view: every rank takes the same path
+    if status == "complete":
         return job.directory
-    remove_stale_temporaries(job.directory)  # left by a run killed while it saved
+    if dist.is_main():
+        remove_stale_temporaries(job.directory)  # left by a run killed while it saved
     spec = get_method(job.method)
     method = spec.build(job.method_config)
     dataset = get_dataset(job.dataset, job.data_dir)
@@ -160,16 +192,22 @@ def run_job(job: Job, device: str = "cpu", progress: Progress | None = None, thr
         job.model, dataset.data_shape, method.capabilities, kappa=job.kappa, sigma_0=job.sigma_0
     ).to(device)
     state = init_state(model, job.train)
-    if job.status() == "partial":
+    if status == "partial":
         _restore(job, state)
+    if not state.world_sizes or state.world_sizes[-1]["world_size"] != dist.world_size():
+        state.world_sizes.append({"from_step": state.step, "world_size": dist.world_size()})
     report = (lambda step, log: progress(job.method, step, job.train.steps, log)) if progress else None
     scorer = None
     if job.train.validate_every:
         from bench.validation import Scorer, image_quality
 
         dev = torch.device(device)
-        quality = image_quality(dataset, job.cache_root, dev)
-        scorer = Scorer(dataset, job.train.num_validation, job.validation_nfe, dev, quality, job.validation_estimator)
+
+        def make_scorer() -> Scorer:
+            quality = image_quality(dataset, job.cache_root, dev)
+            return Scorer(dataset, job.train.num_validation, job.validation_nfe, dev, quality, job.validation_estimator)
+
+        scorer = scored_on_main(make_scorer)
     train(
         state, method, dataset.train_batch, job.train, teacher=teacher, progress=report,
         on_checkpoint=lambda s: _save(job, s, False), on_validate=scorer,

@@ -18,15 +18,17 @@ import torch
 from torch import Tensor
 
 from baselines import get_method
+from bench import dist
+from bench.api import QUALITY_GROUPS, evaluate, prepare, resolve_groups, rows_from_frame
 from bench.cells import Row, rows_from_json, rows_to_json
 from bench.checkpoint import CheckpointError, check_expected, checkpoint_dir, load_checkpoint, read_meta
 from bench.config import SweepConfig, key_dict, merge, stable_hash, to_dict
 from bench.datasets import get_dataset
 from bench.env import environment
-from bench.api import QUALITY_GROUPS, evaluate, prepare, resolve_groups, rows_from_frame
 from bench.io import write_json, write_text, write_with
 from bench.jobs import Job, run_job, train_in_workers
 from bench.loaders import UserModel, is_loader_spec
+from bench.train import rank_batch_size
 
 TEACHER = "flow-matching"
 
@@ -128,8 +130,12 @@ def check_provided(provided: Provided, dataset) -> Provided:
 
 
 def train_all(sources: dict[str, Source], device: torch.device, jobs: int, reporter: Reporter) -> list[str]:
-    """Train missing checkpoints: the teacher first, then the rest (in parallel if ``jobs`` > 1)."""
-    todo = [j for j in sources.values() if isinstance(j, Job) and j.status() != "complete"]
+    """Train missing checkpoints: the teacher first, then the rest (in parallel if ``jobs`` > 1).
+    Under torchrun every rank trains each job together with the others (``jobs`` is then 1)."""
+    status = dist.broadcast_object({n: j.status() for n, j in sources.items()})  # rank 0's view on every rank
+    todo = [j for n, j in sources.items() if isinstance(j, Job) and status[n] != "complete"]
+    for job in todo:  # a global batch that does not split across the ranks fails before any training
+        rank_batch_size(job.train.batch_size)
     teacher = sources[TEACHER]
     if teacher in todo:
         run_job(teacher, str(device), reporter.train_progress)
@@ -189,6 +195,8 @@ def run_sweep(
     reporter.stage(f"training ({dataset.name}): {', '.join(f'{n} [{j.status()}]' for n, j in sources.items())}")
     outcome.trained = train_all(sources, device, jobs, reporter)
     outcome.stage_s["train"] = time.perf_counter() - start
+    if not dist.is_main():  # for now rank 0 alone evaluates and writes (evaluation is not sharded yet)
+        return outcome
 
     start = time.perf_counter()
     arrays = evaluate_all(cfg, dataset, sources, outcome, device, cache_dir, inception_weights, reporter)

@@ -1,9 +1,28 @@
 """One training loop for every method: Adam, warm-up + cosine learning rate, EMA, gradient
-clipping, and non-finite steps skipped, counted, and fatal only in a long run."""
+clipping, and non-finite steps skipped, counted, and fatal only in a long run.
+
+Data-parallel at any world size (bench/dist.py; torchrun). ``train.batch_size`` is the global
+batch: each of the W ranks draws ``batch_size / W`` points, their noise and times from its own
+generator, seeded by (seed, rank) (:func:`stream_seed`), and computes the mean loss of its share;
+after backward the gradients are averaged over ranks, so that every rank clips and steps the same
+averaged gradient as one process whose batch is the concatenation of the ranks' shares. Parameters,
+Adam state and EMA stay identical on all ranks; a step is skipped on every rank if any rank's loss
+is non-finite; logged terms are means over ranks. At world size 1 all of this is the one-process
+loop, bit for bit.
+
+No DistributedDataParallel wrapper: MeanFlow and LSD (and their F2D2 variants) differentiate the
+network with torch.func.jvp, which does not run through DDP (pytorch/pytorch#102197, #182661), and
+every loss calls the network several times per step (targets from the EMA, a teacher or two half
+jumps of the model itself), which DDP supports only with static-graph or unused-parameter modes.
+One explicit all-reduce of the flattened gradients after backward (:func:`bench.dist.average_gradients`)
+is exact for every loss and leaves the model unwrapped for EMA and checkpoints; what it gives up is
+DDP's overlap of communication with the backward pass.
+"""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -12,7 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from bench.config import TrainConfig
+from bench import dist
+from bench.config import ConfigError, TrainConfig
 from f2d2.method import Method
 from f2d2.model import FlowMap
 
@@ -39,6 +59,7 @@ class TrainState:
     wall_s: float = 0.0
     validation: list[dict] = field(default_factory=list)
     best: dict | None = None  # {"step", "value", "state"}: the EMA weights selected by the criterion
+    world_sizes: list[dict] = field(default_factory=list)  # [{"from_step", "world_size"}]: who trained when
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -50,9 +71,32 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def stream_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Seed of rank ``rank``'s data/noise/time generator for a run that starts at ``step`` (0, or
+    the step where a resumed run changed its world size and so could not continue the saved
+    streams). (seed, 0, 0) is ``seed`` itself: one process draws exactly what it always drew. Other
+    pairs hash to 63-bit seeds, so that ranks and restarts draw unrelated streams."""
+    if rank == 0 and step == 0:
+        return seed
+    digest = hashlib.sha256(f"f2d2-bench/train/{seed}/{rank}/{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def rank_batch_size(batch_size: int) -> int:
+    """This rank's share of the global ``train.batch_size``; it must split evenly across ranks."""
+    if batch_size % dist.world_size():
+        raise ConfigError(
+            f"train.batch_size {batch_size} is the global batch and must be a multiple of the world size "
+            f"{dist.world_size()} (every rank draws an equal share)"
+        )
+    return batch_size // dist.world_size()
+
+
 def init_state(model: FlowMap, cfg: TrainConfig) -> TrainState:
+    """Fresh state; the parameters are rank 0's on every rank, each rank's generator its own."""
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    dist.broadcast_tensors_(model.parameters())
+    generator = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, dist.rank()))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ema = copy.deepcopy(model).requires_grad_(False)
     return TrainState(model, ema, optimizer, generator)
@@ -71,19 +115,22 @@ def train_step(
     cfg: TrainConfig,
     teacher: FlowMap | None,
 ) -> dict | None:
-    """One optimizer step; returns the logged terms, or None when the step was skipped."""
+    """One optimizer step on this rank's share of the batch, with gradients averaged over ranks;
+    returns the logged terms (means over ranks), or None when the step was skipped (on every rank)."""
     model, opt = state.model, state.optimizer
     for group in opt.param_groups:
         group["lr"] = learning_rate(cfg, state.step)
-    x1 = batch(cfg.batch_size, state.generator)
+    x1 = batch(rank_batch_size(cfg.batch_size), state.generator)
     loss = method.loss(model, x1, generator=state.generator, teacher=teacher, ema=state.ema)
     total = loss.total.mean()
     opt.zero_grad(set_to_none=True)
     finite = bool(torch.isfinite(total))
     if finite:
         total.backward()
+    finite = dist.average_gradients(model.parameters(), finite)  # before clipping; all ranks agree
+    if finite:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        finite = bool(torch.isfinite(grad_norm))
+        finite = bool(torch.isfinite(grad_norm))  # equal on every rank, as the averaged gradients are
     state.step += 1
     if not finite:
         opt.zero_grad(set_to_none=True)
@@ -91,8 +138,16 @@ def train_step(
         return None
     opt.step()
     update_ema(state.ema, model, min(cfg.ema_decay, (1 + state.step) / (EMA_WARMUP + state.step)))
-    terms = {name: value.mean().item() for name, value in loss.terms.items()}
-    return {"step": state.step, "loss": total.item(), "grad_norm": grad_norm.item(), **terms}
+    logged = dist.mean_scalars({"loss": total, **{name: value.mean() for name, value in loss.terms.items()}})
+    return {"step": state.step, "loss": logged.pop("loss"), "grad_norm": grad_norm.item(), **logged}
+
+
+def scored_on_main(make_scorer: Callable[[], Callable[[TrainState], dict]]) -> Callable[[TrainState], dict]:
+    """A validation scorer for any world size: rank 0 alone builds it (for images it loads a
+    feature network and may write its caches) and scores the EMA model; every rank receives the
+    record, so that all keep the same best-weight copy (their EMA weights are identical)."""
+    scorer = make_scorer() if dist.is_main() else None
+    return lambda state: dist.broadcast_object(scorer(state) if scorer is not None else None)
 
 
 def validate(state: TrainState, scorer: Callable[[TrainState], dict], cfg: TrainConfig) -> None:
@@ -127,6 +182,7 @@ def train(
     state then still holds the last good parameters.
     """
     until = cfg.steps if until is None else until
+    rank_batch_size(cfg.batch_size)  # an uneven split fails before the first step
     consecutive = 0
     start = time.perf_counter()
     state.model.train()
