@@ -211,13 +211,16 @@ def _apply_shortcuts(cfg, shortcuts: dict):
     return cfg
 
 
-def _check_options(jobs: Optional[int], out: Optional[Path] = None, cache_dir: Optional[Path] = None) -> None:
-    """Option values checked before any work starts (the parser only checks their types)."""
+def _check_options(jobs: Optional[int], out: str, cache_dir: Optional[Path] = None) -> Path:
+    """Option values checked before any work starts (the parser only checks their types); returns
+    --out as a path. --out is taken as a string because Path('') is silently the current directory."""
     if jobs is not None and jobs < 1:
         raise UserError(f"--jobs must be >= 1 (or left out: one per core, at most 2), got {jobs}")
-    for option, path in (("--out", out), ("--cache-dir", cache_dir)):
-        if path is not None and not str(path).strip():
-            raise UserError(f"{option} must name a directory, got an empty string")
+    if not out.strip():
+        raise UserError("--out must name a directory, got an empty string")
+    if cache_dir is not None and str(cache_dir) in ("", "."):
+        raise UserError("--cache-dir must name a directory")
+    return Path(out)
 
 
 @app.command()
@@ -227,7 +230,7 @@ def sweep(
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names; 'all' stands for every registered one.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML sweep file (keys of SweepConfig) applied on top of the profile.")] = None,
     profile: Annotated[str, typer.Option(help="Budget profile: default, or ci (tiny, for regression tracking).")] = "default",
-    out: Annotated[Path, typer.Option(help="Results root; outputs go to OUT/DATASET/ (runs/ is ignored by git; the committed results/ is refreshed only when you name it).")] = Path(DEFAULT_OUT),
+    out: Annotated[str, typer.Option(help="Results root; outputs go to OUT/DATASET/ (runs/ is ignored by git; the committed results/ is refreshed only when you name it).")] = DEFAULT_OUT,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint cache (default OUT/checkpoints).")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Where file-backed datasets live.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -244,7 +247,7 @@ def sweep(
     from bench import dist
 
     try:
-        _check_options(jobs, out, cache_dir)
+        out = _check_options(jobs, out, cache_dir)
         shortcuts = {"metrics": metrics, "num_test": num_test, "num_samples": num_samples, "steps": steps}
         cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir, shortcuts)
         from bench.env import resolve_device
@@ -334,7 +337,7 @@ def guide(
     teacher_steps: Annotated[int, typer.Option(help="Also sample the teacher with this many Euler steps (0: skip).")] = 200,
     config: Annotated[Optional[Path], typer.Option(help="YAML sweep file applied on top of the profile.")] = None,
     profile: Annotated[str, typer.Option(help="Budget profile: default or ci.")] = "default",
-    out: Annotated[Path, typer.Option(help="Results root; outputs go to OUT/guidance/DATASET/.")] = Path(DEFAULT_OUT),
+    out: Annotated[str, typer.Option(help="Results root; outputs go to OUT/guidance/DATASET/.")] = DEFAULT_OUT,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint cache (default OUT/checkpoints, shared with sweep).")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Where file-backed datasets live.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -350,7 +353,7 @@ def guide(
         from bench.env import resolve_device
         from bench.sweep import TEACHER, check_writable, run_sweep
 
-        _check_options(None, out, cache_dir)
+        out = _check_options(None, out, cache_dir)
         cfg = _resolve_config(
             dataset, profile, config, nfe, f"{TEACHER},{method}" if method != TEACHER else TEACHER, None, data_dir
         )

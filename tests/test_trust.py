@@ -441,7 +441,8 @@ def observe(case: str, tmp: Path, request, in_process: bool = True) -> Observed:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_one_error_line_exit_2_nothing_written(case, tmp_path, request):
+def test_bad_input_one_error_line_exit_2_nothing_written(case, tmp_path, request, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a case that wrongly starts a sweep writes where the snapshot sees it
     try:
         seen = observe(case, tmp_path, request)
     except Skip as why:
@@ -766,7 +767,8 @@ GUIDE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(GUIDE_CASES))
-def test_guide_bad_input_one_error_line_exit_2_nothing_written(case, tmp_path):
+def test_guide_bad_input_one_error_line_exit_2_nothing_written(case, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a case that wrongly starts work writes where the snapshot sees it
     extra, names = GUIDE_CASES[case]
     out = tmp_path / "out"
     before = snapshot(tmp_path)
@@ -787,7 +789,7 @@ def test_the_main_job_writes_only_where_git_ignores_it():
     from bench.cli import DEFAULT_OUT, guide, sweep
 
     for command in (sweep, guide):
-        assert inspect.signature(command).parameters["out"].default == Path(DEFAULT_OUT)
+        assert inspect.signature(command).parameters["out"].default == DEFAULT_OUT
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         pytest.skip("not a git clone")
