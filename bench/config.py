@@ -23,13 +23,16 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Network architecture. 'mlp' for 2D data; 'unet' for images (see bench/images.py).
+    """Network architecture. 'mlp' for 2D data; 'unet' or 'ddpmpp' (the authors' DDPM++, see
+    f2d2/ddpmpp.py) for images (see bench/images.py).
 
     Attributes:
         hidden, depth: MLP width and number of hidden layers.
         x_frequencies, x_scale: Fourier features sin/cos(2^k pi x / x_scale) of the input, k < x_frequencies.
         t_frequencies: Fourier features sin/cos(2^k pi t) of t and of s - t, k < t_frequencies.
-        channels, channel_mult, num_res_blocks, div_pool: UNet options (images only).
+        channels, channel_mult, num_res_blocks, div_pool: UNet and DDPM++ options (images only).
+        attn_resolutions, dropout: DDPM++ only: image heights whose blocks use self-attention, and
+            the dropout probability inside each residual block.
     """
 
     arch: str = "mlp"
@@ -42,6 +45,10 @@ class ModelConfig:
     channel_mult: tuple[int, ...] = (1, 2)
     num_res_blocks: int = 1
     div_pool: str = "mlp"
+    attn_resolutions: tuple[int, ...] = ()
+    dropout: float = 0.0
+
+    KEY_OMITS_DEFAULT: typing.ClassVar[tuple[str, ...]] = ("attn_resolutions", "dropout")
 
 
 @dataclass(frozen=True)
