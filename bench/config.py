@@ -111,6 +111,10 @@ class EvalConfig:
             objective. guidance_steps: Adam steps on the noise (the paper: 1).
         teacher_steps: if > 0, also the teacher's sample quality with this many Euler steps (the
             many-step yardstick of the guidance comparison).
+        fid_seeds: image sample quality (FID, KID, FD) on this many disjoint seed ranges of
+            num_samples samples each (repeat r uses per-sample seeds r num_samples ... (r + 1)
+            num_samples - 1); with more than one, rows M_mean, M_std and M_min join the first
+            range's M (see bench/fid.py). 1: one range, no extra rows.
     """
 
     num_test: int = 2000
@@ -130,11 +134,14 @@ class EvalConfig:
     guidance_prior: bool = True
     guidance_steps: int = 1
     teacher_steps: int = 0
+    fid_seeds: int = 1
+
+    KEY_OMITS_DEFAULT: typing.ClassVar[tuple[str, ...]] = ("fid_seeds",)
 
     def __post_init__(self) -> None:
         if any(eta <= 0 for eta in self.guidance_etas) or self.guidance_steps < 1 or self.teacher_steps < 0:
             raise ConfigError("eval.guidance_etas must be > 0, eval.guidance_steps >= 1, eval.teacher_steps >= 0")
-        for name in ("num_test", "num_samples", "num_repeats", "batch_size"):
+        for name in ("num_test", "num_samples", "num_repeats", "batch_size", "fid_seeds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
         if self.backward not in ("auto", "first_order", "trained"):

@@ -43,9 +43,10 @@ def timed(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: boo
     return result, statistics.median(times)
 
 
-def per_sample_noise(num: int, shape: tuple[int, ...], seed: int, device: torch.device) -> Tensor:
-    """N(0, I) noise of shape (num, *shape); sample i depends only on (seed, i)."""
-    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in range(num)]
+def per_sample_noise(num: int, shape: tuple[int, ...], seed: int, device: torch.device, first: int = 0) -> Tensor:
+    """N(0, I) noise of shape (num, *shape) for sample indices first ... first + num - 1; sample i
+    depends only on (seed, i)."""
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in range(first, first + num)]
     return torch.stack(rows).to(device)
 
 

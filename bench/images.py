@@ -105,6 +105,11 @@ class ImageDataset(Dataset):
             self._arrays = arrays
         return self._arrays
 
+    def source_files(self) -> tuple[Path, ...]:
+        """The files the images are read from (their hashes key cached FID references); none for
+        data held in memory or shipped with a package."""
+        return ()
+
     def train_levels(self) -> Tensor:
         """All training images as integer levels, (N_train, C, H, W) uint8 on CPU."""
         return self.arrays.train
@@ -182,6 +187,9 @@ class MNIST(ImageDataset):
                 f"{MNIST_URL} and put them there, or pass --data-dir / set {DATA_DIR_ENV}"
             )
 
+    def source_files(self) -> tuple[Path, ...]:
+        return tuple(self.paths[stem] for stem in MNIST_FILES)
+
     def load(self) -> ImageArrays:
         train_x, train_y, test_x, test_y = (self.paths[stem] for stem in MNIST_FILES)
         return ImageArrays(
@@ -217,6 +225,12 @@ class CIFAR10(ImageDataset):
                 f"CIFAR-10 not found: expected {self.archive} or {self.folder}/ (data_batch_1..5, test_batch); "
                 f"get {CIFAR_ARCHIVE} from {CIFAR_URL} and put it there, or pass --data-dir / set {DATA_DIR_ENV}"
             )
+
+    def source_files(self) -> tuple[Path, ...]:
+        """The six batch files if the folder exists (what :meth:`load` reads), else the archive."""
+        if self.folder.is_dir():
+            return tuple(self.folder / n for n in (*CIFAR_TRAIN, CIFAR_TEST))
+        return (self.archive,)
 
     def load(self) -> ImageArrays:
         names = (*CIFAR_TRAIN, CIFAR_TEST)
