@@ -90,8 +90,10 @@ def _resolve_config(
     methods: Optional[str],
     checkpoints: Optional[list[str]] = None,
     data_dir: Optional[Path] = None,
+    need_files: bool = True,
 ):
-    """Profile defaults for the dataset, then the YAML file, then the command-line options."""
+    """Profile defaults for the dataset, then the YAML file, then the command-line options.
+    ``need_files=False`` (the cost plan) resolves a file-backed dataset without its files."""
     from dataclasses import replace
 
     from bench.config import ConfigError, apply_sweep_yaml, parse_nfe, read_sweep_yaml
@@ -107,7 +109,8 @@ def _resolve_config(
             raise UserError(f"--dataset {dataset} contradicts dataset {data['dataset']!r} in {config}")
     name = dataset or data.get("dataset") or "checkerboard"
     dataset_class(str(name))
-    get_dataset(str(name), str(data_dir) if data_dir else None)  # missing data files fail here, first
+    if need_files:
+        get_dataset(str(name), str(data_dir) if data_dir else None)  # missing data files fail here, first
     cfg = default_config(str(name), profile)
     if data:
         cfg = apply_sweep_yaml(str(config), data, cfg)
@@ -147,8 +150,11 @@ def sweep(
     checkpoint: Annotated[Optional[list[str]], typer.Option(help="METHOD=PATH: evaluate this trained checkpoint instead of training (repeatable).")] = None,
     jobs: Annotated[int, typer.Option(help="Parallel training processes on CPU (0: one per core, at most 2).")] = 0,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the cost plan (see `f2d2-bench plan`) and exit; nothing runs or is written.")] = False,
 ) -> None:
     """Train what is missing, evaluate every method at every NFE, write results.csv and results.md."""
+    if dry_run:
+        return plan(dataset, nfe, methods, config, profile, out, cache_dir, data_dir, device, inception_weights, checkpoint, jobs, quiet)
     try:
         cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir)
         from bench.env import resolve_device
@@ -174,6 +180,41 @@ def sweep(
         typer.echo((outcome.out_dir / "results.md").read_text())
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.stage_s.items())
         typer.echo(f"wrote {outcome.out_dir}/results.csv and results.md ({stages})")
+
+
+@app.command()
+def plan(
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset name; its files are not needed.")] = None,
+    nfe: Annotated[Optional[str], typer.Option(help="Comma-separated numbers of function evaluations.")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names, or 'all'.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML sweep file applied on top of the profile.")] = None,
+    profile: Annotated[str, typer.Option(help="Budget profile: default or ci.")] = "default",
+    out: Annotated[Path, typer.Option(help="Results root (its checkpoint cache is inspected, nothing is written).")] = Path("results"),
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint cache (default OUT/checkpoints).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Accepted as by sweep; not read.")] = None,
+    device: Annotated[str, typer.Option(help="Accepted as by sweep; the plan never uses a GPU.")] = "auto",
+    inception_weights: Annotated[Optional[Path], typer.Option(help="Accepted as by sweep; not read.")] = None,
+    checkpoint: Annotated[Optional[list[str]], typer.Option(help="METHOD=PATH: a trained checkpoint the sweep would evaluate (checked).")] = None,
+    jobs: Annotated[int, typer.Option(help="Accepted as by sweep.")] = 0,
+    quiet: Annotated[bool, typer.Option(help="No progress lines on stderr.")] = False,
+    tflops: Annotated[float, typer.Option(help="Device peak throughput in TFLOP/s (default: A100 dense TF32).")] = 156.0,
+    mfu: Annotated[float, typer.Option(help="Assumed model FLOP utilisation, in (0, 1].")] = 0.30,
+    dopri5_nfe: Annotated[int, typer.Option(help="Assumed network evaluations per dopri5 reference solve.")] = 200,
+) -> None:
+    """Print what a sweep with these options would train or reuse and what it would cost (FLOPs,
+    disk, GPU-hours), without data files, weights or a GPU; nothing is run or written."""
+    try:
+        cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir, need_files=False)
+        from bench.plan import make_plan, render
+
+        say = (lambda text: None) if quiet else (lambda text: typer.echo(text, err=True))
+        result = make_plan(cfg, cache_dir or out / "checkpoints", str(data_dir) if data_dir else None,
+                           tflops=tflops, mfu=mfu, dopri5_nfe=dopri5_nfe, progress=say)
+    except (*_user_errors(), ValueError) as err:
+        _fail(str(err))
+    except KeyboardInterrupt as err:
+        _interrupted(err)
+    typer.echo(render(result), nl=False)
 
 
 class Terminated(KeyboardInterrupt):
