@@ -71,8 +71,13 @@ def hand_count(head: bool, step: bool) -> int:
 
 # Worked out: 55,732,739 without step path and head (the flow-matching teacher's SongUNet);
 # + 4,662,528 for the step embedding (2 mapping layers, one affine per block: 33 blocks);
-# + 33,563,393 for the head (its flatten layer alone has 256 * 1024 * 128 weights).
+# + 33,562,881 for the head (its flatten layer alone has 256 * 1024 * 128 weights).
 PAPER_COUNTS = {(True, True): 93_958_148, (False, True): 60_395_267, (False, False): 55_732_739}
+
+
+def test_the_worked_out_parts_add_up():
+    assert hand_count(False, True) - hand_count(False, False) == 128 * 512 + 512 + 512 * 512 + 512 + 33 * (512 * 256 + 256) == 4_662_528
+    assert hand_count(True, True) - hand_count(False, True) == 33_562_881
 
 
 @pytest.mark.parametrize("head, step", list(PAPER_COUNTS))
