@@ -7,6 +7,7 @@ evaluation config and the NFE list, so an interrupted sweep recomputes only unfi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,8 +16,8 @@ from torch import Tensor
 
 from bench.config import EvalConfig
 from bench.datasets import Dataset
-from bench.measure import Likelihood, draw_samples, few_step, mean_stderr, reference
 from bench.flags import nll_flag
+from bench.measure import Likelihood, draw_samples, few_step, mean_stderr, per_sample_noise, reference
 from bench.metrics import CALIBRATION_TOL, calibration_floor, calibration_stats, energy_distance_estimate, share_estimate
 from f2d2.model import FlowMap
 from f2d2.sampling import sample
@@ -115,7 +116,7 @@ def evaluate_cell(
             if timing:
                 rows.add(k, "sample_wall_s", samples.wall_s, points=len(ctx.noise))
             if "quality" in groups:
-                rows += sample_quality_rows(name, k, samples.x, ctx)
+                rows += sample_quality_rows(name, k, samples.x, ctx, _sampler(model, k, cfg))
         if "guidance" in groups and model.capabilities.divergence_head:
             rows.add(k, "network_calls_forward", k, points=len(ctx.noise))
             rows.add(k, "network_calls_backward", 0, points=len(ctx.noise))
@@ -128,7 +129,7 @@ def evaluate_cell(
         many = draw_samples(model, ctx.noise, cfg.teacher_steps, cfg, ctx.device, timing=timing)
         if timing:
             rows.add(cfg.teacher_steps, "sample_wall_s", many.wall_s, points=len(ctx.noise))
-        rows += sample_quality_rows(name, cfg.teacher_steps, many.x, ctx)
+        rows += sample_quality_rows(name, cfg.teacher_steps, many.x, ctx, _sampler(model, cfg.teacher_steps, cfg))
     return list(rows), arrays
 
 
@@ -207,31 +208,58 @@ def calibration_rows(rows: RowSink, k: int, fast: Likelihood, own: Likelihood) -
 def guided_rows(name: str, model: FlowMap, k: int, ctx: CellContext) -> list[Row]:
     """Sample quality with self-guided noise for every eta, under the label NAME+guided@ETA, and the
     network calls spent: k forward jumps plus, per Adam step, one forward and one backward pass."""
-    from f2d2.guidance import guide_noise
-
     cfg, rows = ctx.cfg, []
-    x0 = model.sigma_0 * ctx.noise
     for eta in cfg.guidance_etas:
         label = f"{name}+guided@{eta:g}"
-        noise = torch.cat([guide_noise(model, c, eta, num_steps=cfg.guidance_steps, prior_term=cfg.guidance_prior) for c in x0.split(cfg.batch_size)])
-        x = torch.cat([sample(model, c, k, track_log_p=False).x for c in noise.split(cfg.batch_size)])
+        draw = _guided_sampler(model, k, eta, cfg)
+        x = draw(ctx.noise)
         objective = "-log p_1(Phi(x_0))" if cfg.guidance_prior else "kappa D(x_0, 0, 1)"
         estimator = f"eta={eta:g}, {cfg.guidance_steps} Adam step(s) on {objective}"
         calls = (("network_calls_forward", k + cfg.guidance_steps), ("network_calls_backward", cfg.guidance_steps))
         rows += [Row(ctx.dataset.name, label, k, metric, value, math.nan, "", estimator, len(x), ctx.device_label) for metric, value in calls]
-        rows += sample_quality_rows(label, k, x, ctx)
+        rows += sample_quality_rows(label, k, x, ctx, draw)
     return rows
 
 
-def sample_quality_rows(name: str, k: int, x: Tensor, ctx: CellContext) -> list[Row]:
-    """Images: the dataset's Frechet distance (FID or FD-<classifier>). 2D data: a two-sample
-    distance to held-out data and, where the support is known, the share inside it."""
+Draw = Callable[[Tensor], Tensor]  # unit noise (N, *shape) -> samples (N, *shape)
+
+
+def _sampler(model: FlowMap, k: int, cfg: EvalConfig) -> Draw:
+    """K-step samples from unit noise, chunked as :func:`bench.evaluate.draw_samples`, untimed."""
+    return lambda noise: torch.cat([sample(model, c, k, track_log_p=False).x for c in (model.sigma_0 * noise).split(cfg.batch_size)])
+
+
+def _guided_sampler(model: FlowMap, k: int, eta: float, cfg: EvalConfig) -> Draw:
+    """K-step samples from self-guided noise (``cfg.guidance_steps`` Adam steps of size eta)."""
+    from f2d2.guidance import guide_noise
+
+    def draw(noise: Tensor) -> Tensor:
+        x0 = model.sigma_0 * noise
+        guided = torch.cat([guide_noise(model, c, eta, num_steps=cfg.guidance_steps, prior_term=cfg.guidance_prior) for c in x0.split(cfg.batch_size)])
+        return torch.cat([sample(model, c, k, track_log_p=False).x for c in guided.split(cfg.batch_size)])
+
+    return draw
+
+
+def seed_range_noise(ctx: CellContext, r: int) -> Tensor:
+    """Unit noise of seed range r: per-sample seeds r N ... (r + 1) N - 1, N = len(ctx.noise)
+    (range 0 is ``ctx.noise`` itself)."""
+    n = len(ctx.noise)
+    return per_sample_noise(n, tuple(ctx.dataset.data_shape), ctx.cfg.seed, ctx.device, first=r * n)
+
+
+def sample_quality_rows(name: str, k: int, x: Tensor, ctx: CellContext, draw: Draw | None = None) -> list[Row]:
+    """Images: the dataset's Frechet distance (FID or FD-<classifier>) and, for FID, KID; with
+    ``eval.fid_seeds`` = R > 1, ``draw`` samples seed ranges 1 .. R - 1 as well (see
+    :meth:`bench.fid.SampleQuality.seed_metrics`). 2D data: a two-sample distance to held-out data
+    and, where the support is known, the share inside it."""
     ds = ctx.dataset
     x = x.detach().cpu()
     if ctx.quality is not None:
+        more = (draw(seed_range_noise(ctx, r)).detach().cpu() for r in range(1, ctx.cfg.fid_seeds)) if draw else ()
         return [
             Row(ds.name, name, k, metric, value, stderr, "", estimator, len(x), ctx.device_label)
-            for metric, value, stderr, estimator in ctx.quality.metrics(x)
+            for metric, value, stderr, estimator in ctx.quality.seed_metrics(x, more)
         ]
     rows = []
     est = energy_distance_estimate(x, ctx.x_test.cpu(), seed=ctx.cfg.seed)

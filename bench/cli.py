@@ -135,9 +135,11 @@ def _resolve_config(
     checkpoints: Optional[list[str]] = None,
     data_dir: Optional[Path] = None,
     shortcuts: Optional[dict] = None,
+    need_files: bool = True,
 ):
     """Profile defaults for the dataset, then the YAML file, then the command-line options
-    (``shortcuts``: --metrics, --num-test, --num-samples, --steps)."""
+    (``shortcuts``: --metrics, --num-test, --num-samples, --steps). ``need_files=False`` (the cost
+    plan) resolves a file-backed dataset without its files."""
     from dataclasses import replace
 
     from bench.config import ConfigError, apply_sweep_yaml, parse_nfe, read_sweep_yaml
@@ -154,7 +156,8 @@ def _resolve_config(
             raise UserError(f"--dataset {dataset} contradicts dataset {data['dataset']!r} in {config}")
     name = dataset if dataset is not None else data.get("dataset", "checkerboard")
     dataset_class(str(name))
-    get_dataset(str(name), str(data_dir) if data_dir else None)  # missing data files fail here, first
+    if need_files:
+        get_dataset(str(name), str(data_dir) if data_dir else None)  # missing data files fail here, first
     cfg = default_config(str(name), profile)
     if data:
         cfg = apply_sweep_yaml(str(config), data, cfg)
@@ -242,6 +245,7 @@ def sweep(
     steps: Annotated[Optional[int], typer.Option(help="Training steps of every model (teacher included); part of the cache key.")] = None,
     jobs: Annotated[Optional[int], typer.Option(help="Parallel training processes on CPU (default: one per core, at most 2).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the cost plan (see `f2d2-bench plan`) and exit; nothing runs or is written.")] = False,
 ) -> None:
     """Train what is missing, evaluate every method at every NFE, write results.csv and results.md."""
     from bench import dist
@@ -249,7 +253,11 @@ def sweep(
     try:
         out = _check_options(jobs, out, cache_dir)
         shortcuts = {"metrics": metrics, "num_test": num_test, "num_samples": num_samples, "steps": steps}
-        cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir, shortcuts)
+        cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir, shortcuts, need_files=not dry_run)
+        if dry_run:
+            text = _plan_text(cfg, out, cache_dir, data_dir, quiet)
+            typer.echo(text, nl=False)
+            return
         from bench.env import resolve_device
         from bench.sweep import check_writable, run_sweep
 
@@ -274,6 +282,57 @@ def sweep(
         typer.echo((outcome.out_dir / "results.md").read_text())
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.stage_s.items())
         typer.echo(f"wrote {outcome.out_dir}/results.csv and results.md ({stages})")
+
+
+PLAN_TFLOPS, PLAN_MFU, PLAN_DOPRI5_NFE = 156.0, 0.30, 200  # A100 dense TF32 peak, a typical utilisation
+
+
+@app.command()
+def plan(
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset name; its files are not needed.")] = None,
+    nfe: Annotated[Optional[str], typer.Option(help="Comma-separated numbers of function evaluations.")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names, or 'all'.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML sweep file applied on top of the profile.")] = None,
+    profile: Annotated[str, typer.Option(help="Budget profile: default or ci.")] = "default",
+    out: Annotated[str, typer.Option(help="Results root (its checkpoint cache is inspected, nothing is written).")] = DEFAULT_OUT,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint cache (default OUT/checkpoints).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Accepted as by sweep; not read.")] = None,
+    device: Annotated[str, typer.Option(help="Accepted as by sweep; the plan never uses a GPU.")] = "auto",
+    inception_weights: Annotated[Optional[Path], typer.Option(help="Accepted as by sweep; not read.")] = None,
+    checkpoint: Annotated[Optional[list[str]], typer.Option(help="METHOD=PATH: a trained checkpoint the sweep would evaluate (checked).")] = None,
+    metrics: Annotated[Optional[str], typer.Option(help="Metric groups, as for sweep.")] = None,
+    num_test: Annotated[Optional[int], typer.Option(help="Test points, as for sweep.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option(help="Samples, as for sweep.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps of every model, as for sweep.")] = None,
+    jobs: Annotated[Optional[int], typer.Option(help="Accepted as by sweep.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress lines on stderr.")] = False,
+    tflops: Annotated[float, typer.Option(help="Device peak throughput in TFLOP/s (default: A100 dense TF32).")] = PLAN_TFLOPS,
+    mfu: Annotated[float, typer.Option(help="Assumed model FLOP utilisation, in (0, 1].")] = PLAN_MFU,
+    dopri5_nfe: Annotated[int, typer.Option(help="Assumed network evaluations per dopri5 reference solve.")] = PLAN_DOPRI5_NFE,
+) -> None:
+    """Print what a sweep with these options would train or reuse and what it would cost (FLOPs,
+    disk, GPU-hours), without data files, weights or a GPU; nothing is run or written."""
+    try:
+        out = _check_options(jobs, out, cache_dir)
+        shortcuts = {"metrics": metrics, "num_test": num_test, "num_samples": num_samples, "steps": steps}
+        cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir, shortcuts, need_files=False)
+        text = _plan_text(cfg, out, cache_dir, data_dir, quiet, tflops, mfu, dopri5_nfe)
+    except (*_user_errors(), ValueError) as err:
+        _fail(str(err))
+    except KeyboardInterrupt as err:
+        _interrupted(err)
+    typer.echo(text, nl=False)
+
+
+def _plan_text(cfg, out: Path, cache_dir: Optional[Path], data_dir: Optional[Path], quiet: bool,
+               tflops: float = PLAN_TFLOPS, mfu: float = PLAN_MFU, dopri5_nfe: int = PLAN_DOPRI5_NFE) -> str:
+    """The cost plan of a resolved sweep config (``plan`` and ``sweep --dry-run``)."""
+    from bench.plan import make_plan, render
+
+    say = (lambda text: None) if quiet else (lambda text: typer.echo(text, err=True))
+    result = make_plan(cfg, cache_dir or out / "checkpoints", str(data_dir) if data_dir else None,
+                       tflops=tflops, mfu=mfu, dopri5_nfe=dopri5_nfe, progress=say)
+    return render(result)
 
 
 class Terminated(KeyboardInterrupt):

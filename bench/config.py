@@ -24,13 +24,16 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Network architecture. 'mlp' for 2D data; 'unet' for images (see bench/images.py).
+    """Network architecture. 'mlp' for 2D data; 'unet' or 'ddpmpp' (the authors' DDPM++, see
+    f2d2/ddpmpp.py) for images (see bench/images.py).
 
     Attributes:
         hidden, depth: MLP width and number of hidden layers.
         x_frequencies, x_scale: Fourier features sin/cos(2^k pi x / x_scale) of the input, k < x_frequencies.
         t_frequencies: Fourier features sin/cos(2^k pi t) of t and of s - t, k < t_frequencies.
-        channels, channel_mult, num_res_blocks, div_pool: UNet options (images only).
+        channels, channel_mult, num_res_blocks, div_pool: UNet and DDPM++ options (images only).
+        attn_resolutions, dropout: DDPM++ only: image heights whose blocks use self-attention, and
+            the dropout probability inside each residual block.
     """
 
     arch: str = "mlp"
@@ -43,6 +46,10 @@ class ModelConfig:
     channel_mult: tuple[int, ...] = (1, 2)
     num_res_blocks: int = 1
     div_pool: str = "mlp"
+    attn_resolutions: tuple[int, ...] = ()
+    dropout: float = 0.0
+
+    KEY_OMITS_DEFAULT: typing.ClassVar[tuple[str, ...]] = ("attn_resolutions", "dropout")
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,7 @@ class TrainConfig:
 MAX_NFE = 4096  # network evaluations per few-step estimate: 4x the paper's 1024-step reference
 MAX_POINTS = 10_000_000  # test points / samples / repeats: a sanity bound, far above CIFAR-10's 50,000
 MAX_GUIDANCE_STEPS = 1000
+MAX_FID_SEEDS = 100  # disjoint seed ranges of the sample-quality metrics (EDM reports the minimum of 3)
 
 # Metric groups a sweep can compute (eval.metrics / --metrics). What each group writes:
 #   nll          few-step NLL (F2D2 or naive), own and teacher exact-ODE references, paired gaps and
@@ -138,9 +146,13 @@ class EvalConfig:
         metrics: the metric groups to compute (see :data:`METRIC_GROUPS`); empty: every group the
             dataset supports ('guidance' only when guidance_etas are set).
         num_mass: samples of the importance-sampled total mass of a few-step density (images).
+        fid_seeds: image sample quality (FID, KID, FD) on this many disjoint seed ranges of
+            num_samples samples each (repeat r uses per-sample seeds r num_samples ... (r + 1)
+            num_samples - 1); with more than one, rows M_mean, M_std and M_min join the first
+            range's M (see bench/fid.py). 1: one range, no extra rows.
     """
 
-    KEY_OMITS_DEFAULT: typing.ClassVar[tuple[str, ...]] = ("metrics", "num_mass")
+    KEY_OMITS_DEFAULT: typing.ClassVar[tuple[str, ...]] = ("metrics", "num_mass", "fid_seeds")
 
     num_test: int = 2000
     num_samples: int = 2000
@@ -161,6 +173,7 @@ class EvalConfig:
     teacher_steps: int = 0
     metrics: tuple[str, ...] = ()
     num_mass: int = 1000
+    fid_seeds: int = 1
 
     def __post_init__(self) -> None:
         if not all(math.isfinite(eta) and eta > 0 for eta in self.guidance_etas):
@@ -176,6 +189,8 @@ class EvalConfig:
             raise ConfigError(f"eval.metrics: {what}; valid: {', '.join(METRIC_GROUPS)}")
         if "guidance" in self.metrics and not self.guidance_etas:
             raise ConfigError("eval.metrics: 'guidance' needs eval.guidance_etas (f2d2-bench guide sets them)")
+        if not 1 <= self.fid_seeds <= MAX_FID_SEEDS:
+            raise ConfigError(f"eval.fid_seeds must lie in [1, {MAX_FID_SEEDS}], got {self.fid_seeds}")
         for name in ("num_test", "num_samples", "num_repeats", "batch_size", "num_mass"):
             if not 1 <= getattr(self, name) <= MAX_POINTS:
                 raise ConfigError(f"eval.{name} must lie in [1, {MAX_POINTS:,}], got {getattr(self, name)}")

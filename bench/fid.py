@@ -1,17 +1,16 @@
 """Sample quality for images: Frechet distances between feature statistics (METHOD.md Sec. 4).
 
-- "fid" (RGB, 32 x 32 and up): clean-fid's Inception-v3 features (the TorchScript file
-  inception-2015-12-05.pt, which the user provides; nothing is downloaded) after clean-fid's "clean"
-  resize to 299 x 299 (PIL bicubic on float pixels). G. Parmar et al., "On Aliased Resizing and
-  Surprising Subtleties in GAN Evaluation", CVPR 2022, arXiv:2104.11222. The reference statistics
-  are clean-fid's precomputed "<dataset>_clean_train_<res>.npz" if present locally, else computed
-  from the dataset's own training images and cached.
+- "fid" (RGB, 32 x 32 and up): clean-fid's Inception-v3 features (bench/inception.py: the user's
+  inception-2015-12-05.pt, nothing downloaded, clean-fid's "clean" resize), against the training
+  images' features, computed once and cached under a key with the data files' and the weights'
+  sha256. From the same features "kid", clean-fid's kernel distance (bench/kid.py).
 - "fd_digits", "fd_mnist" (grayscale): the same distance in the 128-d penultimate features of a
   small CNN classifier trained once on the training split (seeded, cached as safetensors + JSON).
   It is not comparable to FID and is named accordingly.
 
 Samples arrive as y in [-1, 1] and are quantized to integer levels (:func:`f2d2.units.to_levels`)
-before feature extraction, exactly as the data are stored.
+before feature extraction, exactly as the data are stored. With ``eval.fid_seeds`` = R > 1 the
+sampling is repeated on R disjoint per-sample seed ranges (:meth:`SampleQuality.seed_metrics`).
 
 Frechet distance (M. Heusel et al., "GANs Trained by a Two Time-Scale Update Rule", arXiv:1706.08500):
     d^2 = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)),
@@ -25,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,24 +34,21 @@ from torch import Tensor, nn
 
 from bench.checkpoint import sha256_file
 from bench.config import stable_hash
+from bench.inception import (  # noqa: F401 (re-exported: the Inception names have always lived here)
+    DEFAULT_INCEPTION_WEIGHTS, FEATURE_BATCH, INCEPTION_FILE, INCEPTION_URL, WeightsError, inception_extractor,
+    inception_reference, resolve_inception_weights,
+)
 from bench.io import write_json, write_with
+from bench.kid import KID_SUBSETS, kernel_distance
 from f2d2.units import to_levels
 
-INCEPTION_FILE = "inception-2015-12-05.pt"
-DEFAULT_INCEPTION_WEIGHTS = f"~/.cache/f2d2-bench/{INCEPTION_FILE}"
-INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
 INCEPTION_MIN_SIZE = 32  # below this, Inception features of upsampled images say little
-FEATURE_BATCH = 250  # images per feature-extraction call
 NUM_BOOTSTRAP = 50  # resamples of the samples for the classifier FD's standard error
 
 CLASSIFIER_VERSION = 1  # bump when the architecture or training recipe changes (new cache key)
 CLASSIFIER_EPOCHS = {"digits": 40, "mnist": 3}
 CLASSIFIER_BATCH, CLASSIFIER_LR, CLASSIFIER_SEED = 64, 2e-3, 0
 FEATURE_DIM, NUM_CLASSES = 128, 10
-
-
-class WeightsError(ValueError):
-    """A feature extractor's weights file is missing or misnamed; the message says what to do."""
 
 
 # Statistics and the distance -------------------------------------------------------------------
@@ -109,14 +105,20 @@ def bootstrap_stderr(features: np.ndarray, ref: FeatureStats, num: int, seed: in
 # The evaluator ---------------------------------------------------------------------------------
 
 
+Metric = tuple[str, float, float, str]  # (metric, value, stderr, estimator)
+
+
 class SampleQuality:
-    """A Frechet distance of samples to fixed reference statistics in one feature space.
+    """A Frechet distance of samples to fixed reference statistics in one feature space, and the
+    kernel distance (KID) when reference features are given.
 
     Args:
         name: metric name ("fid", "fd_digits", ...). levels: values per pixel of the data.
         extract: (B, C, H, W) uint8 levels -> (B, F) float features (numpy).
         reference: the reference statistics. description: estimator text for result rows.
         num_bootstrap: resamples for the standard error (0: NaN).
+        kid_reference: (N, F) reference features for "kid" (None: no KID row).
+        device: where KID's Gram matrices are computed.
     """
 
     def __init__(
@@ -127,20 +129,54 @@ class SampleQuality:
         reference: FeatureStats,
         description: str,
         num_bootstrap: int = 0,
+        kid_reference: np.ndarray | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.name, self.levels, self.extract = name, levels, extract
         self.reference, self.description, self.num_bootstrap = reference, description, num_bootstrap
+        self.kid_reference, self.device = kid_reference, device
 
-    def levels_metrics(self, k: Tensor) -> list[tuple[str, float, float, str]]:
-        """[(metric, value, stderr, estimator)] for integer images k (N, C, H, W)."""
+    def levels_metrics(self, k: Tensor, kid: bool = True) -> list[Metric]:
+        """[(metric, value, stderr, estimator)] for integer images k (N, C, H, W); ``kid=False``
+        skips the kernel distance (its 100 subset rounds cost more than the Frechet distance)."""
         feats = self.extract(k.detach().cpu())
         value = fd_to(feats, self.reference)
         stderr = bootstrap_stderr(feats, self.reference, self.num_bootstrap)
-        return [(self.name, value, stderr, self.description + (", bootstrap" if self.num_bootstrap > 1 else ""))]
+        rows = [(self.name, value, stderr, self.description + (", bootstrap" if self.num_bootstrap > 1 else ""))]
+        if kid and self.kid_reference is not None:
+            result = kernel_distance(self.kid_reference, feats, device=self.device)
+            text = f"kernel/clean-fid inception, {KID_SUBSETS} subsets of {result.subset_size} vs train[{len(self.kid_reference)}]"
+            rows.append(("kid", result.value, math.nan, text))
+        return rows
 
-    def metrics(self, samples_y: Tensor) -> list[tuple[str, float, float, str]]:
+    def metrics(self, samples_y: Tensor, kid: bool = True) -> list[Metric]:
         """Metrics of samples y (N, C, H, W) in [-1, 1], quantized to the data's levels first."""
-        return self.levels_metrics(to_levels(samples_y.detach().cpu(), self.levels).to(torch.uint8))
+        return self.levels_metrics(to_levels(samples_y.detach().cpu(), self.levels).to(torch.uint8), kid)
+
+    def seed_metrics(self, first: Tensor, more: Iterable[Tensor] = ()) -> list[Metric]:
+        """Metrics of samples ``first`` (seed range 0), as :meth:`metrics`; with further samples
+        ``more`` (seed ranges 1 .. R - 1, drawn one at a time) also, per metric M, "M_mean" (stderr:
+        std / sqrt(R)), "M_std" (sample std over the R ranges, ddof 1) and "M_min" (EDM reports
+        the minimum of three FIDs)."""
+        rows = self.metrics(first)
+        values = {name: [value] for name, value, _, _ in rows}
+        count = len(first)
+        for samples in more:
+            for name, value, _, _ in self.metrics(samples):
+                values[name].append(value)
+        repeats = len(next(iter(values.values())))
+        if repeats < 2:
+            return rows
+        for name, value, _, estimator in list(rows):
+            runs = np.asarray(values[name])
+            note = f"{estimator}; over {repeats} disjoint seed ranges of {count} samples"
+            std = float(runs.std(ddof=1))
+            rows += [
+                (f"{name}_mean", float(runs.mean()), std / math.sqrt(repeats), note),
+                (f"{name}_std", std, math.nan, note),
+                (f"{name}_min", float(runs.min()), math.nan, note),
+            ]
+        return rows
 
 
 def uses_inception(dataset) -> bool:
@@ -156,23 +192,22 @@ def quality_for(
     device: torch.device | str = "cpu",
     *,
     num_reference: int | None = None,
-    precomputed_dir: str | Path | None = None,
 ) -> SampleQuality | None:
     """The sample-quality evaluator of an image dataset (None for non-image data).
 
     Single-channel images get the classifier FD ("fd_<dataset>"), trained or loaded from
-    ``cache_dir``. RGB images of size >= 32 get clean-fid's FID ("fid") with the Inception file
-    ``inception_weights`` (default DEFAULT_INCEPTION_WEIGHTS). Its reference: clean-fid's precomputed
-    "<dataset>_clean_train_<res>.npz" when it exists in ``precomputed_dir`` (default: clean-fid's own
-    stats folder) and ``num_reference`` is None; else the statistics of the first ``num_reference``
-    (default all) training images, computed once and cached in ``cache_dir``.
+    ``cache_dir``. RGB images of size >= 32 get clean-fid's FID ("fid") and KID ("kid") with the
+    Inception file ``inception_weights`` (default DEFAULT_INCEPTION_WEIGHTS) against the features
+    of the first ``num_reference`` (default all) training images, computed once and cached in
+    ``cache_dir`` (bench/inception.py). clean-fid's own precomputed statistics are not used: their
+    data files and weights are not known, and KID needs the features themselves.
     """
     shape = tuple(dataset.data_shape)
     if len(shape) != 3 or not getattr(dataset, "levels", None):
         return None
     device = torch.device(device)
     if uses_inception(dataset):
-        return _inception_quality(dataset, Path(cache_dir), inception_weights, device, num_reference, precomputed_dir)
+        return _inception_quality(dataset, Path(cache_dir), inception_weights, device, num_reference)
     if shape[0] == 1:
         model, info = load_or_train_classifier(dataset, cache_dir)
         model = model.to(device)
@@ -181,6 +216,19 @@ def quality_for(
         text = f"frechet/cnn-{dataset.name} features (test acc {info['test_accuracy']:.3f}) vs train[{reference.num}]"
         return SampleQuality(f"fd_{dataset.name}", dataset.levels, extract, reference, text, NUM_BOOTSTRAP)
     return None
+
+
+def _inception_quality(
+    dataset, cache_dir: Path, weights_path: str | None, device: torch.device, num_reference: int | None
+) -> SampleQuality:
+    if dataset.levels != 256:
+        raise ValueError(f"FID needs 8-bit images, {dataset.name} has {dataset.levels} levels")
+    weights = resolve_inception_weights(weights_path)
+    extract = inception_extractor(weights, device)
+    ref = inception_reference(dataset, extract, weights, cache_dir, num_reference)
+    stats = FeatureStats(ref.mu, ref.sigma, len(ref.features))
+    text = f"frechet/clean-fid inception vs {ref.source}"
+    return SampleQuality("fid", dataset.levels, extract, stats, text, kid_reference=ref.features, device=device)
 
 
 # Small classifier for grayscale digits ---------------------------------------------------------
@@ -293,83 +341,3 @@ def _read_info(meta: Path, weights: Path) -> dict | None:
         return info if weights.is_file() and sha256_file(weights) == info["sha256"] else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-# Inception (clean-fid) -------------------------------------------------------------------------
-
-
-def resolve_inception_weights(path: str | Path | None) -> Path:
-    """The weights file: ``path`` (the file or its directory) or DEFAULT_INCEPTION_WEIGHTS; never downloads."""
-    target = Path(path or DEFAULT_INCEPTION_WEIGHTS).expanduser()
-    if target.is_dir():
-        target = target / INCEPTION_FILE
-    if target.name != INCEPTION_FILE:
-        raise WeightsError(f"Inception weights must be a file named {INCEPTION_FILE} (clean-fid's name), got {target}")
-    if not target.is_file():
-        raise WeightsError(
-            f"Inception weights not found: expected {target}; download {INCEPTION_URL} yourself "
-            "and put it there, or pass --inception-weights PATH"
-        )
-    return target
-
-
-def inception_extractor(weights: Path, device: torch.device) -> Callable[[Tensor], np.ndarray]:
-    """(N, 3, H, W) uint8 levels -> (N, 2048) features with clean-fid's model and "clean" resizer."""
-    from cleanfid.inception_torchscript import InceptionV3W
-    from cleanfid.resize import build_resizer
-
-    model = InceptionV3W(str(weights.parent), download=False, resize_inside=False).to(device).eval()
-    resize = build_resizer("clean")
-
-    @torch.no_grad()
-    def extract(k: Tensor) -> np.ndarray:
-        out = []
-        for i in range(0, len(k), FEATURE_BATCH):
-            pixels = k[i : i + FEATURE_BATCH].permute(0, 2, 3, 1).numpy()  # clean-fid takes (H, W, 3) in [0, 255]
-            batch = np.stack([resize(img) for img in pixels]).transpose(0, 3, 1, 2)
-            out.append(model(torch.from_numpy(np.ascontiguousarray(batch)).to(device)).double().cpu())
-        return torch.cat(out).numpy()
-
-    return extract
-
-
-def _inception_quality(
-    dataset, cache_dir: Path, weights_path: str | None, device: torch.device, num_reference: int | None,
-    precomputed_dir: str | Path | None,
-) -> SampleQuality:
-    if dataset.levels != 256:
-        raise ValueError(f"FID needs 8-bit images, {dataset.name} has {dataset.levels} levels")
-    weights = resolve_inception_weights(weights_path)
-    extract = inception_extractor(weights, device)
-    reference, source = inception_reference(dataset, extract, weights, cache_dir, num_reference, precomputed_dir)
-    return SampleQuality("fid", dataset.levels, extract, reference, f"frechet/clean-fid inception vs {source}")
-
-
-def inception_reference(
-    dataset, extract: Callable[[Tensor], np.ndarray], weights: Path, cache_dir: Path, num_reference: int | None,
-    precomputed_dir: str | Path | None,
-) -> tuple[FeatureStats, str]:
-    """Reference statistics and where they came from: clean-fid's precomputed file, our cache, or computed now."""
-    from safetensors.torch import load_file, save_file
-
-    if num_reference is None:
-        if precomputed_dir is None:
-            import cleanfid
-
-            precomputed_dir = Path(cleanfid.__file__).parent / "stats"
-        npz = Path(precomputed_dir) / f"{dataset.name}_clean_train_{dataset.data_shape[-1]}.npz".lower()
-        if npz.is_file():
-            with np.load(npz, allow_pickle=False) as stats:
-                return FeatureStats(stats["mu"], stats["sigma"], -1), f"clean-fid precomputed {npz.name}"
-    train = dataset.train_levels()
-    num = min(num_reference or len(train), len(train))
-    key = stable_hash({"dataset": dataset.name, "weights": sha256_file(weights), "num": num, "mode": "clean"})
-    path = cache_dir / "fid_reference" / f"{dataset.name}-{key}.safetensors"
-    source = f"train[{num}] statistics"
-    if path.is_file():
-        tensors = load_file(str(path))
-        return FeatureStats(tensors["mu"].numpy(), tensors["sigma"].numpy(), num), source + " (cached)"
-    stats = feature_stats(extract(train[:num]))
-    tensors = {"mu": torch.from_numpy(stats.mu), "sigma": torch.from_numpy(stats.sigma)}
-    write_with(path, lambda tmp: save_file(tensors, str(tmp)))
-    return stats, source

@@ -83,6 +83,9 @@ class ImageDataset(Dataset):
 
     sigma_0 = 1.0  # images scaled to [-1, 1] (METHOD.md Sec. 1)
     levels: int = 256
+    # split sizes of the standard files, known without reading them (the cost plan needs them)
+    num_train_images: int | None = None
+    num_test_images: int | None = None
 
     def __init__(self) -> None:
         self._arrays: ImageArrays | None = None
@@ -104,6 +107,11 @@ class ImageDataset(Dataset):
                     )
             self._arrays = arrays
         return self._arrays
+
+    def source_files(self) -> tuple[Path, ...]:
+        """The files the images are read from (their hashes key cached FID references); none for
+        data held in memory or shipped with a package."""
+        return ()
 
     def train_levels(self) -> Tensor:
         """All training images as integer levels, (N_train, C, H, W) uint8 on CPU."""
@@ -145,6 +153,7 @@ class Digits(ImageDataset):
     name = "digits"
     data_shape = (1, 8, 8)
     levels = 17
+    num_train_images, num_test_images = 1797 - DIGITS_NUM_TEST, DIGITS_NUM_TEST
     # Measured: a flow-matching UNet (channels 32, mult (1, 2), 600 Adam steps of 256) has
     # RMS div v = 162 over t ~ U[0, 1] (65 at t = 0, 340 at t = 0.97); rounded up, as training
     # longer sharpens the field near t = 1. kappa keeps the head's target O(1).
@@ -168,6 +177,7 @@ class MNIST(ImageDataset):
     name = "mnist"
     data_shape = (1, 28, 28)
     levels = 256
+    num_train_images, num_test_images = 60_000, 10_000
     needs_files = True
     kappa = 5e3  # proposed: CIFAR-10's 2e4 scaled by the dimension ratio 784 / 3072, rounded
 
@@ -181,6 +191,9 @@ class MNIST(ImageDataset):
                 f"MNIST files missing in {self.directory}/: {', '.join(missing)} (or .gz); get them from "
                 f"{MNIST_URL} and put them there, or pass --data-dir / set {DATA_DIR_ENV}"
             )
+
+    def source_files(self) -> tuple[Path, ...]:
+        return tuple(self.paths[stem] for stem in MNIST_FILES)
 
     def load(self) -> ImageArrays:
         train_x, train_y, test_x, test_y = (self.paths[stem] for stem in MNIST_FILES)
@@ -198,6 +211,7 @@ class CIFAR10(ImageDataset):
     name = "cifar10"
     data_shape = (3, 32, 32)
     levels = 256
+    num_train_images, num_test_images = 50_000, 10_000
     needs_files = True
     kappa = 2e4  # the authors' value (arXiv:2512.02636, public code)
 
@@ -217,6 +231,12 @@ class CIFAR10(ImageDataset):
                 f"CIFAR-10 not found: expected {self.archive} or {self.folder}/ (data_batch_1..5, test_batch); "
                 f"get {CIFAR_ARCHIVE} from {CIFAR_URL} and put it there, or pass --data-dir / set {DATA_DIR_ENV}"
             )
+
+    def source_files(self) -> tuple[Path, ...]:
+        """The six batch files if the folder exists (what :meth:`load` reads), else the archive."""
+        if self.folder.is_dir():
+            return tuple(self.folder / n for n in (*CIFAR_TRAIN, CIFAR_TEST))
+        return (self.archive,)
 
     def load(self) -> ImageArrays:
         names = (*CIFAR_TRAIN, CIFAR_TEST)

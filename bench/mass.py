@@ -126,7 +126,7 @@ def exact_proposal(model, cfg, device: torch.device, data_shape: tuple[int, ...]
     solver = Solver.parse(cfg.reference_solver, cfg.rtol, cfg.atol)
     div = parse_estimator(cfg.reference_estimator)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    x0 = model.sigma_0 * per_sample_noise(cfg.num_mass, data_shape, cfg.seed, device, start=MASS_NOISE_START).to(dtype)
+    x0 = model.sigma_0 * per_sample_noise(cfg.num_mass, data_shape, cfg.seed, device, first=MASS_NOISE_START).to(dtype)
 
     def solve(chunk: Tensor) -> tuple[Tensor, Tensor]:
         out = exact_sample(model.velocity, chunk, prior_log_prob=model.prior_log_prob, solver=solver, estimator=div, generator=gen)

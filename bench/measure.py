@@ -43,11 +43,11 @@ def timed(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: boo
     return result, statistics.median(times)
 
 
-def per_sample_noise(num: int, shape: tuple[int, ...], seed: int, device: torch.device, start: int = 0) -> Tensor:
-    """N(0, I) noise of shape (num, *shape); sample i depends only on (seed, start + i), so disjoint
-    index ranges give independent draws whatever the batch size."""
+def per_sample_noise(num: int, shape: tuple[int, ...], seed: int, device: torch.device, first: int = 0) -> Tensor:
+    """N(0, I) noise of shape (num, *shape) for sample indices first ... first + num - 1; sample i
+    depends only on (seed, i), so disjoint index ranges give independent draws whatever the batch size."""
     gen = torch.Generator()
-    rows = [torch.randn(shape, generator=gen.manual_seed(seed * 1_000_003 + start + i)) for i in range(num)]
+    rows = [torch.randn(shape, generator=gen.manual_seed(seed * 1_000_003 + i)) for i in range(first, first + num)]
     return torch.stack(rows).to(device)
 
 

@@ -80,4 +80,4 @@ def image_quality(dataset, cache_dir: str, device: torch.device) -> Callable[[Te
     quality = quality_for(dataset, cache_dir, None, device)
     if quality is None:
         return None
-    return lambda samples, data: quality.metrics(samples.cpu())[0][1]
+    return lambda samples, data: quality.metrics(samples.cpu(), kid=False)[0][1]

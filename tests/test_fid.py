@@ -173,29 +173,33 @@ def test_inception_extractor_uses_clean_fids_resize_and_normalisation(tiny_weigh
 
 def test_fid_is_zero_on_the_reference_images_and_cached(tiny_weights, tmp_path):
     path, _ = tiny_weights
-    ds, empty = _TinyRGB(), tmp_path / "no-precomputed"
-    quality = quality_for(ds, tmp_path / "cache", str(path), precomputed_dir=empty)
+    ds = _TinyRGB()
+    quality = quality_for(ds, tmp_path / "cache", str(path))
     assert quality.name == "fid" and "train[16]" in quality.description
     same = dequantize(ds.train_levels(), 256, torch.Generator().manual_seed(TEST_SEED))
-    [(name, value, stderr, _)] = quality.metrics(same)
-    assert name == "fid" and abs(value) < 1e-6 and math.isnan(stderr)
+    [(name, value, stderr, _), (kid_name, *_)] = quality.metrics(same)
+    assert name == "fid" and abs(value) < 1e-6 and math.isnan(stderr) and kid_name == "kid"
     darker = (ds.train_levels() // 2).to(torch.uint8)
     assert quality.levels_metrics(darker)[0][1] > 1e-2
-    again = quality_for(ds, tmp_path / "cache", str(path.parent), precomputed_dir=empty)
+    again = quality_for(ds, tmp_path / "cache", str(path.parent))
     assert "(cached)" in again.description
     np.testing.assert_array_equal(again.reference.mu, quality.reference.mu)
+    np.testing.assert_array_equal(again.kid_reference, quality.kid_reference)
 
 
-def test_precomputed_clean_fid_statistics_are_used_when_present(tiny_weights, tmp_path):
+def test_clean_fids_precomputed_statistics_are_not_used(tiny_weights, tmp_path, monkeypatch):
+    """Statistics of unknown data files and weights would break the keyed reference (and KID
+    needs features): a clean-fid stats file in its folder is ignored."""
+    import cleanfid
+
     path, _ = tiny_weights
-    stats_dir = tmp_path / "stats"
-    stats_dir.mkdir()
-    mu, sigma = np.full(2048, 0.5), np.eye(2048) * 0.1
-    np.savez(stats_dir / "tinyrgb_clean_train_32.npz", mu=mu, sigma=sigma)
-    quality = quality_for(_TinyRGB(), tmp_path / "cache", str(path), precomputed_dir=stats_dir)
-    assert "clean-fid precomputed tinyrgb_clean_train_32.npz" in quality.description
-    np.testing.assert_array_equal(quality.reference.mu, mu)
-    assert not (tmp_path / "cache" / "fid_reference").exists()
+    stats_dir = tmp_path / "cleanfid"
+    (stats_dir / "stats").mkdir(parents=True)
+    np.savez(stats_dir / "stats" / "tinyrgb_clean_train_32.npz", mu=np.full(2048, 0.5), sigma=np.eye(2048) * 0.1)
+    monkeypatch.setattr(cleanfid, "__file__", str(stats_dir / "__init__.py"))
+    quality = quality_for(_TinyRGB(), tmp_path / "cache", str(path))
+    assert "train[16]" in quality.description and not np.allclose(quality.reference.mu, 0.5)
+    assert (tmp_path / "cache" / "fid_reference").is_dir()
 
 
 def test_quality_for_skips_non_image_data(tmp_path):

@@ -15,27 +15,39 @@ from f2d2 import few_step_log_prob, naive_log_prob, sample
 
 SMALL = ModelConfig(hidden=16, depth=2, x_frequencies=2, t_frequencies=2)
 BATCH = 32
+# The authors' DDPM++ (f2d2/ddpmpp.py) at toy size: two levels, attention at 4 x 4 (and in the
+# bottleneck, always), dropout on; 4 x 4 images keep exact divergences (48 VJPs) cheap.
+TINY_DDPMPP = ModelConfig(arch="ddpmpp", channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
+ARCHS = {"mlp": (SMALL, (2,)), "ddpmpp": (TINY_DDPMPP, (3, 4, 4))}
+BATCHES = {"mlp": BATCH, "ddpmpp": 8}
 
 
-def make(name: str):
+def make(name: str, arch: str = "mlp"):
+    cfg, shape = ARCHS[arch]
     method = get_method(name).build()
     torch.manual_seed(0)
-    model = build_model(SMALL, (2,), method.capabilities, kappa=10.0, sigma_0=2.0)
+    model = build_model(cfg, shape, method.capabilities, kappa=10.0, sigma_0=2.0)
     teacher = None
     if method.needs_teacher:
-        teacher = build_model(SMALL, (2,), get_method("flow-matching").build().capabilities, kappa=10.0, sigma_0=2.0)
+        teacher = build_model(cfg, shape, get_method("flow-matching").build().capabilities, kappa=10.0, sigma_0=2.0)
     return method, model, teacher
 
 
-def x1() -> torch.Tensor:
-    return torch.randn(BATCH, 2, generator=torch.Generator().manual_seed(0)) * 2
+def x1(arch: str = "mlp") -> torch.Tensor:
+    shape = ARCHS[arch][1]
+    return torch.randn(BATCHES[arch], *shape, generator=torch.Generator().manual_seed(0)) * 2
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_loss_shape_finite_and_gradients_reach_every_parameter(name):
-    method, model, teacher = make(name)
-    loss = method.loss(model, x1(), generator=torch.Generator().manual_seed(0), teacher=teacher)
-    assert loss.total.shape == (BATCH,)
+def per_arch(test):
+    """Run ``test`` for every method on every network family."""
+    return pytest.mark.parametrize("arch", list(ARCHS))(pytest.mark.parametrize("name", list(METHODS))(test))
+
+
+@per_arch
+def test_loss_shape_finite_and_gradients_reach_every_parameter(name, arch):
+    method, model, teacher = make(name, arch)
+    loss = method.loss(model, x1(arch), generator=torch.Generator().manual_seed(0), teacher=teacher)
+    assert loss.total.shape == (BATCHES[arch],)
     assert torch.isfinite(loss.total).all()
     loss.total.mean().backward()
     for pname, p in model.named_parameters():
@@ -46,37 +58,40 @@ def test_loss_shape_finite_and_gradients_reach_every_parameter(name):
         assert all(p.grad is None for p in teacher.parameters()), "the teacher must stay frozen"
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_capabilities_match_the_network(name):
-    method, model, _ = make(name)
+@per_arch
+def test_capabilities_match_the_network(name, arch):
+    method, model, _ = make(name, arch)
     caps = method.capabilities
     assert model.capabilities == caps
-    assert (model(x1(), 0.2, 0.7).div is not None) == caps.divergence_head
+    assert (model(x1(arch), 0.2, 0.7).div is not None) == caps.divergence_head
     if caps.divergence_head:
-        assert model(x1(), 0.2, 0.7).div.shape == (BATCH,)
-        few_step_log_prob(model, x1(), 2)
+        assert model(x1(arch), 0.2, 0.7).div.shape == (BATCHES[arch],)
+        few_step_log_prob(model, x1(arch), 2)
     else:
         with pytest.raises(ValueError, match="divergence head"):
-            few_step_log_prob(model, x1(), 2)
+            few_step_log_prob(model, x1(arch), 2)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_sampling_is_deterministic_given_noise_and_batch_independent(name):
-    _, model, _ = make(name)
-    noise = torch.randn(BATCH, 2, generator=torch.Generator().manual_seed(5))
+@per_arch
+def test_sampling_is_deterministic_given_noise_and_batch_independent(name, arch):
+    _, model, _ = make(name, arch)
+    model.eval()  # evaluation mode, as load_checkpoint returns it: dropout off
+    batch = BATCHES[arch]
+    noise = torch.randn(batch, *ARCHS[arch][1], generator=torch.Generator().manual_seed(5))
     for k in (1, 3):
         a = sample(model, noise, k)
         b = sample(model, noise, k)
         torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)
-        half = sample(model, noise[: BATCH // 2], k)
-        torch.testing.assert_close(half.x, a.x[: BATCH // 2])
+        half = sample(model, noise[: batch // 2], k)
+        torch.testing.assert_close(half.x, a.x[: batch // 2])
         assert a.nfe == k
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_checkpoint_round_trip(name, tmp_path):
-    method, model, _ = make(name)
-    job = Job(name, method.config, SMALL, TrainConfig(steps=1), "checkerboard", None, 10.0, 2.0, None, str(tmp_path))
+@per_arch
+def test_checkpoint_round_trip(name, arch, tmp_path):
+    method, model, _ = make(name, arch)
+    model.eval()
+    job = Job(name, method.config, ARCHS[arch][0], TrainConfig(steps=1), "checkerboard", None, 10.0, 2.0, None, str(tmp_path))
     state = init_state(model, TrainConfig(steps=1))
     with torch.no_grad():
         for p in state.ema.parameters():
@@ -87,20 +102,20 @@ def test_checkpoint_round_trip(name, tmp_path):
         assert loaded.capabilities == method.capabilities
         assert (loaded.kappa, loaded.sigma_0) == (10.0, 2.0)
         assert loaded.meta["method"] == name
-        out_a, out_b = loaded(x1(), 0.3, 0.9), source(x1(), 0.3, 0.9)
+        out_a, out_b = loaded(x1(arch), 0.3, 0.9), source(x1(arch), 0.3, 0.9)
         torch.testing.assert_close(out_a.u, out_b.u, rtol=0, atol=0)
         if out_b.div is not None:
             torch.testing.assert_close(out_a.div, out_b.div, rtol=0, atol=0)
-    torch.testing.assert_close(naive_log_prob(load_checkpoint(job.directory), x1(), 2).log_p, naive_log_prob(state.ema, x1(), 2).log_p)
+    torch.testing.assert_close(naive_log_prob(load_checkpoint(job.directory), x1(arch), 2).log_p, naive_log_prob(state.ema, x1(arch), 2).log_p)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_methods_needing_a_teacher_refuse_to_run_without_one(name):
+@per_arch
+def test_methods_needing_a_teacher_refuse_to_run_without_one(name, arch):
     from dataclasses import replace
 
     spec = get_method(name)
     method = spec.build(replace(spec.config, velocity_target="teacher"))
     assert method.needs_teacher
-    _, model, _ = make(name)
+    _, model, _ = make(name, arch)
     with pytest.raises(ValueError, match="teacher"):
-        method.loss(model, x1(), generator=torch.Generator().manual_seed(0))
+        method.loss(model, x1(arch), generator=torch.Generator().manual_seed(0))
