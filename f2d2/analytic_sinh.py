@@ -54,7 +54,7 @@ from torch import Tensor
 
 from f2d2.model import Capabilities, FlowMap, FlowMapNet, FlowMapOutput, as_batch_time, batch_view
 
-_SERIES_BELOW = 1e-3  # |argument| below which shc and lg use their Taylor series (error < 1e-16)
+_SERIES_BELOW = 1e-3  # |argument| below which shc and lg use their Taylor series (error < 2e-16)
 _MIXING = 0.8  # off-diagonal row sum of A - I: strictly diagonally dominant, hence invertible
 DEFAULT_GAMMA = 0.5  # beta(t) = t + gamma t^2: beta' runs from 1 to 2, so v depends on t
 
