@@ -6,7 +6,9 @@ x_t ~ N(t m, sigma_t^2 I) with sigma_t^2 = (1 - t)^2 sigma_0^2 + t^2 s^2, and
     Phi(x, t, r)  = r m + (sigma_r / sigma_t) (x - t m),
     int_t^r div v = d log(sigma_r / sigma_t).
 Everything is exact, so tests can demand zero losses and the analytic log-density. Used as the
-ground truth of the test suite (and a "wrong" perturbation of it as a negative control).
+ground truth of the test suite (and a "wrong" perturbation of it as a negative control). Its
+Jacobian is isotropic and its divergence does not depend on x; f2d2.analytic_sinh is the nonlinear,
+anisotropic fixture that sees wrong-point and transport bugs.
 """
 
 from __future__ import annotations
