@@ -19,6 +19,7 @@ from bench.datasets import Dataset
 from bench.flags import nll_flag
 from bench.measure import Likelihood, draw_samples, few_step, mean_stderr, per_sample_noise, reference
 from bench.metrics import CALIBRATION_TOL, calibration_floor, calibration_stats, energy_distance_estimate, share_estimate
+from bench.shards import map_chunks
 from f2d2.model import FlowMap
 from f2d2.sampling import sample
 from f2d2.units import bits_per_dim
@@ -226,7 +227,7 @@ Draw = Callable[[Tensor], Tensor]  # unit noise (N, *shape) -> samples (N, *shap
 
 def _sampler(model: FlowMap, k: int, cfg: EvalConfig) -> Draw:
     """K-step samples from unit noise, chunked as :func:`bench.evaluate.draw_samples`, untimed."""
-    return lambda noise: torch.cat([sample(model, c, k, track_log_p=False).x for c in (model.sigma_0 * noise).split(cfg.batch_size)])
+    return lambda noise: map_chunks(lambda c, _: (sample(model, c, k, track_log_p=False).x,), model.sigma_0 * noise, cfg.batch_size)[0]
 
 
 def _guided_sampler(model: FlowMap, k: int, eta: float, cfg: EvalConfig) -> Draw:
@@ -235,8 +236,11 @@ def _guided_sampler(model: FlowMap, k: int, eta: float, cfg: EvalConfig) -> Draw
 
     def draw(noise: Tensor) -> Tensor:
         x0 = model.sigma_0 * noise
-        guided = torch.cat([guide_noise(model, c, eta, num_steps=cfg.guidance_steps, prior_term=cfg.guidance_prior) for c in x0.split(cfg.batch_size)])
-        return torch.cat([sample(model, c, k, track_log_p=False).x for c in guided.split(cfg.batch_size)])
+        def batch(c: Tensor, _: int) -> tuple[Tensor]:  # each sample's Adam step is its own: batching does not matter
+            guided = guide_noise(model, c, eta, num_steps=cfg.guidance_steps, prior_term=cfg.guidance_prior)
+            return (sample(model, guided, k, track_log_p=False).x,)
+
+        return map_chunks(batch, x0, cfg.batch_size)[0]
 
     return draw
 

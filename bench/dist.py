@@ -59,11 +59,30 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ[name]) if launched() else default
 
 
+_ALONE: list[bool] = [False]  # inside alone(): this process computes as a world of one
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Work that rank 0 does by itself while the others wait (validation during training): inside,
+    rank() is 0 and world_size() 1, so sharded evaluation code runs unsharded and issues no
+    collective that the waiting ranks would never join."""
+    previous, _ALONE[0] = _ALONE[0], True
+    try:
+        yield
+    finally:
+        _ALONE[0] = previous
+
+
 def rank() -> int:
+    if _ALONE[0]:
+        return 0
     return tdist.get_rank() if _initialized() else _env_int("RANK", 0)
 
 
 def world_size() -> int:
+    if _ALONE[0]:
+        return 1
     return tdist.get_world_size() if _initialized() else _env_int("WORLD_SIZE", 1)
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bench import dist
 from bench.checkpoint import sha256_file
 from bench.config import stable_hash
 from bench.inception import (  # noqa: F401 (re-exported: the Inception names have always lived here)
@@ -139,7 +140,7 @@ class SampleQuality:
     def levels_metrics(self, k: Tensor, kid: bool = True) -> list[Metric]:
         """[(metric, value, stderr, estimator)] for integer images k (N, C, H, W); ``kid=False``
         skips the kernel distance (its 100 subset rounds cost more than the Frechet distance)."""
-        feats = self.extract(k.detach().cpu())
+        feats = sharded_features(self.extract, k.detach().cpu())
         value = fd_to(feats, self.reference)
         stderr = bootstrap_stderr(feats, self.reference, self.num_bootstrap)
         rows = [(self.name, value, stderr, self.description + (", bootstrap" if self.num_bootstrap > 1 else ""))]
@@ -179,6 +180,15 @@ class SampleQuality:
         return rows
 
 
+def sharded_features(extract: Callable[[Tensor], np.ndarray], k: Tensor) -> np.ndarray:
+    """``extract`` over batches of FEATURE_BATCH images, sharded across ranks under torchrun and
+    gathered in image order (bench/shards.py): every rank gets every feature row."""
+    from bench.shards import map_chunks
+
+    rows = map_chunks(lambda chunk, _: (torch.from_numpy(np.ascontiguousarray(extract(chunk))),), k, FEATURE_BATCH)[0]
+    return rows.numpy()
+
+
 def uses_inception(dataset) -> bool:
     """Whether :func:`quality_for` scores this dataset with Inception FID (RGB images >= 32 px)."""
     shape = tuple(dataset.data_shape)
@@ -209,10 +219,14 @@ def quality_for(
     if uses_inception(dataset):
         return _inception_quality(dataset, Path(cache_dir), inception_weights, device, num_reference)
     if shape[0] == 1:
+        if not dist.is_main():
+            dist.barrier()  # under torchrun rank 0 trains (or loads) the classifier first, the others load it
         model, info = load_or_train_classifier(dataset, cache_dir)
+        if dist.is_main():
+            dist.barrier()
         model = model.to(device)
         extract = lambda k: classifier_features(model, k, dataset.levels)
-        reference = feature_stats(extract(dataset.train_levels()))
+        reference = feature_stats(sharded_features(extract, dataset.train_levels()))
         text = f"frechet/cnn-{dataset.name} features (test acc {info['test_accuracy']:.3f}) vs train[{reference.num}]"
         return SampleQuality(f"fd_{dataset.name}", dataset.levels, extract, reference, text, NUM_BOOTSTRAP)
     return None

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bench import dist
 from bench.checkpoint import sha256_file
 from bench.config import stable_hash
 from bench.io import write_with
@@ -124,11 +125,14 @@ def inception_reference(
     key = reference_key(dataset, sha256_file(weights), num)
     path = Path(cache_dir) / "fid_reference" / f"{dataset.name}-{key}.safetensors"
     source = f"train[{num}]"
-    if path.is_file():
+    if dist.broadcast_object(path.is_file()):  # rank 0's view: every rank loads, or every rank computes its share
         arrays = load_file(str(path))
         return InceptionReference(arrays["features"], arrays["mu"], arrays["sigma"], source + " (cached)", key)
-    features = extract(train[:num]).astype(np.float32)
+    from bench.fid import sharded_features
+
+    features = sharded_features(extract, train[:num]).astype(np.float32)
     wide = features.astype(np.float64)
     arrays = {"features": features, "mu": wide.mean(0), "sigma": np.cov(wide, rowvar=False)}
-    write_with(path, lambda tmp: save_file(arrays, str(tmp)))
+    if dist.is_main():
+        write_with(path, lambda tmp: save_file(arrays, str(tmp)))
     return InceptionReference(features, arrays["mu"], arrays["sigma"], source, key)

@@ -54,11 +54,11 @@ def grid_points(extent: float = GRID_EXTENT, size: int = GRID_SIZE) -> Tensor:
     return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
 
 
-def grid_mass(log_prob: Callable[[Tensor], Tensor], points: Tensor, extent: float = GRID_EXTENT) -> MassEstimate:
-    """Quadrature of exp(log_prob) over the grid ``points`` (from :func:`grid_points`)."""
-    size = math.isqrt(len(points))
-    log_p = torch.cat([log_prob(chunk).detach().double().cpu() for chunk in points.split(GRID_CHUNK)])
-    mass = float(log_p.exp().sum() * (2 * extent / size) ** 2)
+def grid_mass(log_p: Tensor, extent: float = GRID_EXTENT) -> MassEstimate:
+    """Quadrature of exp(log_p) over the grid cells whose centres :func:`grid_points` gives, with
+    ``log_p`` (G^2,) the log-density at those centres."""
+    size = math.isqrt(len(log_p))
+    mass = float(log_p.detach().double().cpu().exp().sum() * (2 * extent / size) ** 2)
     return MassEstimate(mass, math.nan, f"grid quadrature, {size}^2 cells on [-{extent:g}, {extent:g}]^2")
 
 
@@ -95,7 +95,7 @@ def mass_rows(rows, model, nfe: tuple[int, ...]) -> None:
         points = grid_points().to(device, dtype)
         for k in nfe:
             estimator = few_step_estimator(model, k, cfg, device)
-            mass = grid_mass(lambda x, e=estimator: e(x, GRID_CHUNK).log_p, points)
+            mass = grid_mass(estimator(points, GRID_CHUNK).log_p)  # batches sharded across ranks
             rows.add(k, "mass", mass.value, mass.stderr, estimator=f"{estimator.name}; {mass.estimator}", points=len(points))
         return
     proposal = exact_proposal(model, cfg, device, ctx.dataset.data_shape, dtype)
@@ -120,15 +120,17 @@ def exact_proposal(model, cfg, device: torch.device, data_shape: tuple[int, ...]
     """``cfg.num_mass`` samples of the model's instantaneous field through the exact ODE (the
     reference's solver and divergence estimator) from per-sample seeded prior noise."""
     from bench.measure import in_chunks_map, per_sample_noise
+    from bench.shards import chunk_seed
     from f2d2.divergence import parse_estimator
     from f2d2.likelihood import Solver, exact_sample
 
     solver = Solver.parse(cfg.reference_solver, cfg.rtol, cfg.atol)
     div = parse_estimator(cfg.reference_estimator)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=device)
     x0 = model.sigma_0 * per_sample_noise(cfg.num_mass, data_shape, cfg.seed, device, first=MASS_NOISE_START).to(dtype)
 
-    def solve(chunk: Tensor) -> tuple[Tensor, Tensor]:
+    def solve(chunk: Tensor, c: int) -> tuple[Tensor, Tensor]:
+        gen.manual_seed(chunk_seed(cfg.seed, c))
         out = exact_sample(model.velocity, chunk, prior_log_prob=model.prior_log_prob, solver=solver, estimator=div, generator=gen)
         return out.x, out.log_p
 

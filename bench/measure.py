@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bench import dist
 from bench.config import EvalConfig
+from bench.shards import chunk_seed, map_chunks
 from f2d2.divergence import parse_estimator
 from f2d2.likelihood import LogProb, Solver, few_step_log_prob, naive_log_prob, reference_log_prob, resolve_backward
 from f2d2.model import FlowMap
@@ -30,15 +32,19 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: bool = True) -> tuple[Any, float]:
-    """(result of the last call, median wall-clock seconds over ``repeats`` calls)."""
+    """(result of the last call, median wall-clock seconds over ``repeats`` calls). Under torchrun
+    every rank starts together and the clock stops when the slowest rank is done (barriers), so a
+    time is that of the whole sharded computation: comparable between 1 and N devices."""
     if warmup:
         fn()
     times, result = [], None
     for _ in range(repeats):
         synchronize(device)
+        dist.barrier()
         start = time.perf_counter()
         result = fn()
         synchronize(device)
+        dist.barrier()
         times.append(time.perf_counter() - start)
     return result, statistics.median(times)
 
@@ -51,24 +57,25 @@ def per_sample_noise(num: int, shape: tuple[int, ...], seed: int, device: torch.
     return torch.stack(rows).to(device)
 
 
-def in_chunks_map(fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, size: int) -> tuple[Tensor, ...]:
-    """Apply ``fn`` (a chunk -> a tuple of per-sample tensors) in chunks of ``size``; concatenate each."""
-    parts = [fn(chunk) for chunk in x.split(size)]
-    return tuple(torch.cat(column) for column in zip(*parts))
+def in_chunks_map(fn: Callable[[Tensor, int], tuple[Tensor, ...]], x: Tensor, size: int) -> tuple[Tensor, ...]:
+    """``fn(batch, batch_index)`` (a batch -> a tuple of per-row tensors) over the batches of x,
+    sharded across ranks and gathered in row order (:func:`bench.shards.map_chunks`)."""
+    return map_chunks(fn, x, size)
 
 
-def in_chunks(fn: Callable[[Tensor], LogProb], x: Tensor, size: int) -> LogProb:
-    """Apply a per-sample likelihood in chunks of ``size`` and concatenate; nfe is the mean per chunk."""
-    parts = [fn(chunk) for chunk in x.split(size)]
-    stderr = None if parts[0].stderr is None else torch.cat([p.stderr for p in parts])
-    per_probe = None if parts[0].per_probe is None else torch.cat([p.per_probe for p in parts], dim=1)
-    return LogProb(
-        torch.cat([p.log_p for p in parts]),
-        stderr,
-        torch.cat([p.x0 for p in parts]),
-        round(sum(p.nfe for p in parts) / len(parts)),
-        per_probe,
-    )
+def in_chunks(fn: Callable[[Tensor, int], LogProb], x: Tensor, size: int) -> LogProb:
+    """A per-row likelihood ``fn(batch, batch_index)`` over the batches of x (sharded across ranks,
+    gathered in row order); nfe is the mean over batches of their solver calls."""
+
+    def columns(chunk: Tensor, c: int) -> tuple:
+        out = fn(chunk, c)
+        nfe = torch.full((len(chunk),), float(out.nfe), dtype=torch.float64, device=chunk.device)
+        probes = None if out.per_probe is None else out.per_probe.T  # (rows, P): rows first for gathering
+        return out.log_p, out.stderr, out.x0, nfe, probes
+
+    log_p, stderr, x0, nfe, probes = map_chunks(columns, x, size)
+    per_batch = nfe[::size]  # every row of a batch holds its batch's count
+    return LogProb(log_p, stderr, x0, round(per_batch.mean().item()), None if probes is None else probes.T)
 
 
 @dataclass(frozen=True)
@@ -94,14 +101,16 @@ def reference(model: FlowMap, x: Tensor, cfg: EvalConfig, device: torch.device, 
     so that its time compares with the warm medians of the few-step likelihood."""
     solver = Solver.parse(cfg.reference_solver, cfg.rtol, cfg.atol)
     estimator = parse_estimator(cfg.reference_estimator)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=device)
 
-    def run(points: Tensor) -> LogProb:
-        gen.manual_seed(cfg.seed)
-        fn = lambda chunk: reference_log_prob(  # noqa: E731
+    def solve(chunk: Tensor, c: int) -> LogProb:
+        gen.manual_seed(chunk_seed(cfg.seed, c))  # the batch's probes, whichever rank solves it
+        return reference_log_prob(
             model.velocity, chunk, prior_log_prob=model.prior_log_prob, solver=solver, estimator=estimator, generator=gen
         )
-        return in_chunks(fn, points, cfg.batch_size)
+
+    def run(points: Tensor) -> LogProb:
+        return in_chunks(solve, points, cfg.batch_size)
 
     run(x[:WARMUP_POINTS])
     result, wall = timed(lambda: run(x), repeats, device, warmup=False)
@@ -129,10 +138,15 @@ class FewStepEstimator:
     seed: int = 0
 
     def __call__(self, x: Tensor, batch_size: int) -> LogProb:
-        """log p of x in chunks of ``batch_size``; probes restart from ``seed`` at every call."""
-        if self.generator is not None:
-            self.generator.manual_seed(self.seed)
-        return in_chunks(self.log_prob, x, batch_size)
+        """log p of x in batches of ``batch_size`` (sharded across ranks); batch c draws its probes
+        from :func:`bench.shards.chunk_seed` (seed, c) at every call."""
+
+        def run(chunk: Tensor, c: int) -> LogProb:
+            if self.generator is not None:
+                self.generator.manual_seed(chunk_seed(self.seed, c))
+            return self.log_prob(chunk)
+
+        return in_chunks(run, x, batch_size)
 
 
 def few_step_estimator(
@@ -173,7 +187,7 @@ def draw_samples(
     x0 = model.sigma_0 * noise
 
     def run() -> Tensor:
-        return torch.cat([sample(model, chunk, num_steps, track_log_p=False).x for chunk in x0.split(cfg.batch_size)])
+        return map_chunks(lambda chunk, c: (sample(model, chunk, num_steps, track_log_p=False).x,), x0, cfg.batch_size)[0]
 
     x, wall = timed(run, cfg.num_repeats if timing else 1, device, warmup=timing)
     return Sampled(x, wall)

@@ -195,12 +195,12 @@ def run_sweep(
     reporter.stage(f"training ({dataset.name}): {', '.join(f'{n} [{j.status()}]' for n, j in sources.items())}")
     outcome.trained = train_all(sources, device, jobs, reporter)
     outcome.stage_s["train"] = time.perf_counter() - start
-    if not dist.is_main():  # for now rank 0 alone evaluates and writes (evaluation is not sharded yet)
-        return outcome
 
-    start = time.perf_counter()
+    start = time.perf_counter()  # every rank evaluates its share of every batch (bench/shards.py)
     arrays = evaluate_all(cfg, dataset, sources, outcome, device, cache_dir, inception_weights, reporter)
     outcome.stage_s["evaluate"] = time.perf_counter() - start
+    if not dist.is_main():  # rank 0 holds the same rows and writes them
+        return outcome
     write_outputs(cfg, outcome, list(sources.values()), device)
     if cfg.figures:
         start = time.perf_counter()
@@ -233,6 +233,7 @@ def evaluate_all(
         job = sources[name]
         key = _cell_key(cfg, job, teacher_job)
         cached = None if key is None else _read_cell(cells_dir / f"{name}.json", cells_dir / f"{name}.npz", key)
+        cached = dist.broadcast_object(cached)  # rank 0's view: every rank reuses the cell, or every rank computes it
         if cached is not None:
             rows, arrays[name] = cached
             outcome.rows += rows
@@ -247,7 +248,7 @@ def evaluate_all(
         model = ctx.teacher_model if name == TEACHER else load_source(job, cfg, dataset, device)
         arrays[name] = {}
         rows = rows_from_frame(evaluate(model, name=name, nfe=cfg.nfe, context=ctx, per_point=arrays[name]))
-        if key is not None:
+        if key is not None and dist.is_main():
             _write_cell(cells_dir / f"{name}.json", cells_dir / f"{name}.npz", key, rows, arrays[name])
         outcome.rows += rows
     if dataset.levels and resolve_groups(cfg.eval) & QUALITY_GROUPS:
@@ -335,6 +336,8 @@ def write_outputs(cfg: SweepConfig, outcome: SweepOutcome, jobs: list[Source], d
     write_text(out / "results.md", wide_markdown(frame, title=f"f2d2-bench sweep: {cfg.dataset}"))
     write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     env = environment(device) | {
+        "world_size": dist.world_size(),
+        "backend": dist.backend(),
         "stage_s": outcome.stage_s,
         "trained": outcome.trained,
         "reused_cells": outcome.reused_cells,

@@ -146,8 +146,20 @@ def scored_on_main(make_scorer: Callable[[], Callable[[TrainState], dict]]) -> C
     """A validation scorer for any world size: rank 0 alone builds it (for images it loads a
     feature network and may write its caches) and scores the EMA model; every rank receives the
     record, so that all keep the same best-weight copy (their EMA weights are identical)."""
-    scorer = make_scorer() if dist.is_main() else None
-    return lambda state: dist.broadcast_object(scorer(state) if scorer is not None else None)
+    if dist.is_main():
+        with dist.alone():  # the scorer's evaluation code must not wait for the other ranks
+            scorer = make_scorer()
+    else:
+        scorer = None
+
+    def score(state: TrainState) -> dict:
+        if scorer is None:
+            return dist.broadcast_object(None)
+        with dist.alone():
+            record = scorer(state)
+        return dist.broadcast_object(record)
+
+    return score
 
 
 def validate(state: TrainState, scorer: Callable[[TrainState], dict], cfg: TrainConfig) -> None:

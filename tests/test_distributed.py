@@ -175,6 +175,28 @@ def test_two_ranks_train_as_one_process_on_the_concatenated_batch(tmp_path):
 def _check_collectives(out: Path) -> None:
     for r in range(2):
         res = torch.load(out / f"collectives-rank{r}.pt")
+        # batches sharded over ranks, rows back in order, probes from the batch's own seed: as one process
+        from bench.shards import chunk_seed
+
+        x = torch.arange(9.0)[:, None]
+        draws = torch.cat([torch.randn(len(c), generator=torch.Generator().manual_seed(chunk_seed(7, i))) for i, c in enumerate(x.split(2))])
+        for key, rows in (("mapped", 9), ("mapped_one_batch", 2), ("alone", 9)):
+            scaled, absent, draw, owner = res[key]
+            torch.testing.assert_close(scaled, 10.0 * x[:rows], rtol=0, atol=0)
+            assert absent is None
+            torch.testing.assert_close(draw, draws[:rows], rtol=0, atol=0)
+        assert res["mapped"][3].tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 0]  # batch c computed by rank c mod 2
+        assert res["mapped_one_batch"][3].tolist() == [0, 0] and res["alone"][3].tolist() == [0.0] * 9
+        # sample-quality features extracted in batches by both ranks: the one-process features and
+        # the statistics FID/FD is computed from, exactly
+        from bench.fid import FEATURE_BATCH, feature_stats
+        from torchrun_entry import toy_features
+
+        images = torch.randint(0, 256, (2 * FEATURE_BATCH + 37, 3, 4, 4), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+        one = toy_features(images)
+        assert (res["features"].numpy() == one).all()
+        stats = feature_stats(one)
+        assert (res["feature_stats"][0].numpy() == stats.mu).all() and (res["feature_stats"][1].numpy() == stats.sigma).all()
         expected_rows = torch.stack([10.0 * torch.arange(5.0), -torch.arange(5.0, dtype=torch.float64)], dim=1)
         torch.testing.assert_close(res["gathered"], expected_rows, rtol=0, atol=0)
         assert res["sum"].dtype == torch.float64 and res["sum"].tolist() == [2.0**24 + 1.0, 3.0]
@@ -204,9 +226,9 @@ nfe: [1, 2]
 model: {hidden: 16, depth: 2, x_frequencies: 2, t_frequencies: 2}
 teacher_train: {steps: 40, batch_size: 64, warmup_steps: 5, checkpoint_every: 20, log_every: 10}
 train: {steps: 30, batch_size: 64, warmup_steps: 5, checkpoint_every: 20, log_every: 10}
-eval: {num_test: 64, num_samples: 64, batch_size: 64, num_repeats: 1}
+eval: {num_test: 64, num_samples: 64, batch_size: 24, num_repeats: 1, num_mass: 40, reference_estimator: "hutchinson:2", naive_estimator: "hutchinson:1"}
 figures: false
-"""
+"""  # eval batches of 24: three per set (24, 24, 16), sharded over the ranks; Hutchinson probes per batch
 TIMING = ("nll_wall_s", "ref_wall_s", "sample_wall_s", "nll_speedup")
 
 
@@ -229,6 +251,8 @@ def test_sweep_under_torchrun_trains_on_two_ranks_and_only_rank_zero_writes(tmp_
     writes = {r: [line for line in (audit / f"rank{r}.log").read_text().splitlines() if str(out) in line] for r in range(2)}
     assert writes[1] == []
     assert any(line.startswith("os.rename") and line.endswith("results.csv") for line in writes[0])  # the audit sees writes
+    env = json.loads((out / "checkerboard" / "env.json").read_text())
+    assert env["world_size"] == 2 and env["backend"] == "gloo"
     metas = [read_meta(d) for d in (out / "checkpoints" / "checkerboard").iterdir()]
     assert len(metas) == 2
     for meta in metas:
@@ -306,3 +330,27 @@ def _wait_for_checkpoint(root: Path, proc: subprocess.Popen, timeout_s: float = 
             return found[0].parent
         time.sleep(0.01)
     raise AssertionError("no checkpoint written in time")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", [400, 150])  # the ci profile's one batch, and three (150, 150, 100)
+def test_ci_profile_evaluated_on_two_ranks_gives_the_one_process_results(tmp_path, batch_size):
+    """Issue 12's acceptance test, on the ci profile itself (the default suite runs the same
+    comparison on a tiny sweep): train once in one process, evaluate the same checkpoints in one
+    process and on two ranks; every non-timing value agrees to 1e-6 relative."""
+    from bench.cli import app
+
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"eval: {{batch_size: {batch_size}}}\n")
+    one = ["sweep", "--profile", "ci", "--config", str(config), "--out", str(tmp_path / "one"), "--jobs", "1", "--quiet"]
+    result = CliRunner().invoke(app, one)
+    assert result.exit_code == 0, result.output
+    cache = tmp_path / "one" / "checkpoints"
+    run = torchrun(["cli", "sweep", "--profile", "ci", "--config", config, "--out", tmp_path / "two", "--cache-dir", cache,
+                    "--device", "cpu", "--quiet"], timeout_s=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "checkerboard" / "env.json").read_text())["trained"] == []
+    a, b = _results(tmp_path / "one" / "checkerboard" / "results.csv"), _results(tmp_path / "two" / "checkerboard" / "results.csv")
+    assert len(a) > 500 and a.drop(columns=["value", "stderr"]).equals(b.drop(columns=["value", "stderr"]))
+    for column in ("value", "stderr"):
+        torch.testing.assert_close(torch.tensor(b[column].to_numpy()), torch.tensor(a[column].to_numpy()), rtol=1e-6, atol=0, equal_nan=True)

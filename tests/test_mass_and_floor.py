@@ -85,6 +85,6 @@ def test_grid_mass_of_a_gaussian_and_of_the_uniform_square():
     assert points.shape == (40_000, 2)
     normal = lambda x: -0.5 * x.pow(2).sum(1) - math.log(2 * math.pi)  # noqa: E731
     inside = math.erf(4.5 / math.sqrt(2)) ** 2  # the mass of N(0, I) in the square: 1 - 1.4e-5
-    assert grid_mass(normal, points).value == pytest.approx(inside, abs=1e-7)  # midpoint rule on a smooth density
+    assert grid_mass(normal(points)).value == pytest.approx(inside, abs=1e-7)  # midpoint rule on a smooth density
     uniform = lambda x: torch.where((x.abs() <= 2).all(1), -math.log(16.0), -math.inf)  # noqa: E731
-    assert grid_mass(uniform, points).value == pytest.approx(1.0, abs=0.02)  # cell edges straddle the square
+    assert grid_mass(uniform(points)).value == pytest.approx(1.0, abs=0.02)  # cell edges straddle the square

@@ -56,7 +56,30 @@ def collectives(out: Path) -> None:
     only_one.grad = torch.ones(2) * 4.0 if r == 1 else None
     agreed = dist.average_gradients([weight, unused, only_one], ok=True)
     refused = dist.average_gradients([torch.nn.Parameter(torch.zeros(1))], ok=r != 1)
+    from bench.shards import chunk_seed, map_chunks
+
+    x = torch.arange(9.0)[:, None]  # batches of 2 rows: 0-1 | 2-3 | 4-5 | 6-7 | 8 (rank 0: 0, 2, 4; rank 1: 1, 3)
+
+    def batch(chunk, c):
+        draw = torch.randn(len(chunk), generator=torch.Generator().manual_seed(chunk_seed(7, c)))
+        return 10.0 * chunk, None, draw, torch.full((len(chunk),), float(r))
+
+    # rank 0 alone (as validation does) while rank 1 waits in a broadcast: no collective may leak out
+    alone = None
+    if r == 0:
+        with dist.alone():
+            alone = map_chunks(batch, x, 2)
+    alone = dist.broadcast_object(alone)
+    from bench.fid import FEATURE_BATCH, feature_stats, sharded_features
+
+    images = torch.randint(0, 256, (2 * FEATURE_BATCH + 37, 3, 4, 4), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    features = sharded_features(toy_features, images)  # 3 batches: rank 0 extracts 2, rank 1 one
     result = {
+        "features": torch.from_numpy(features),
+        "feature_stats": tuple(torch.from_numpy(a) for a in (feature_stats(features).mu, feature_stats(features).sigma)),
+        "mapped": map_chunks(batch, x, 2),
+        "mapped_one_batch": map_chunks(batch, x[:2], 2),  # rank 1 holds no batch
+        "alone": alone,
         "gathered": dist.gather_indexed(rows, index, 5),
         "sum": dist.sum_float64(big if r == 0 else torch.tensor([1.0, 2.0])),
         "means": dist.mean_scalars({"a": torch.tensor(float(r)), "b": torch.tensor(3.0 * r)}),
@@ -66,6 +89,14 @@ def collectives(out: Path) -> None:
         "grads": [weight.grad, unused.grad, only_one.grad],
     }
     torch.save(result, out / f"collectives-rank{r}.pt")
+
+
+def toy_features(k):
+    """A deterministic stand-in for a feature network: (N, 3, 4, 4) uint8 -> (N, 6) float64."""
+    import torch
+
+    x = k.double().flatten(1) / 255.0
+    return torch.stack([x.mean(1), x.std(1), x[:, 0], x[:, -1], (x * x).mean(1), x[:, 5] * x[:, 9]], dim=1).numpy()
 
 
 class Stop(Exception):
