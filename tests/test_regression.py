@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from bench.check import compare, failed, load_rules
 from bench.cli import app
-from bench.env import cpu_model
+from bench.env import environment
+from bench.history import machine_class
 from bench.tables import read_rows
 
 CI = Path(__file__).resolve().parent.parent / "results" / "ci"
@@ -25,7 +26,9 @@ BASELINE = CI / "checkerboard" / "results.csv"
 
 
 def same_machine_kind(env: dict) -> bool:
-    return env.get("cpu_model") == cpu_model() and env["versions"].get("torch") == torch.__version__
+    """The machine class of bench/history.py (CPU model, torch version as env.json records it, i.e.
+    without a local build suffix such as '+cu130', and the accelerator)."""
+    return machine_class(env) == machine_class(environment(torch.device("cpu")))
 
 
 def test_ci_profile_matches_the_committed_baseline(tmp_path):
