@@ -129,18 +129,17 @@ def test_which_reporter(monkeypatch):
 
 
 TINY = """
-methods: [flow-matching, shortcut]
+methods: [flow-matching]
 nfe: [1, 2]
-teacher_train: {steps: 40, batch_size: 128, warmup_steps: 10, checkpoint_every: 1000}
-train: {steps: 200, batch_size: 64, warmup_steps: 10, checkpoint_every: 1000}
+teacher_train: {steps: 200, batch_size: 64, warmup_steps: 10, checkpoint_every: 1000}
 eval: {num_test: 64, num_samples: 64, batch_size: 64, num_repeats: 1}
 """
 
 
 def test_tiny_sweep_logs_at_the_stated_cadence_and_records_its_history(tmp_path, monkeypatch):
     """Two clock seconds per training step (the only clock reads during training are the progress
-    calls): the teacher's 40 steps get a line every 4 steps (10 %, 8 s), the 200 steps of shortcut
-    one every 30 s = 15 steps (before 10 % = 20 steps). Then --record appended the sweep's entry."""
+    calls): the teacher's 200 steps get a line every 30 s = 15 steps (before 10 % = 20 steps; the
+    other regime is tested above). Then --record appended the sweep's entry."""
     from bench.config import stable_hash
     from bench.history import config_hash_of, entry_frame, read_history
     from bench.tables import read_rows
@@ -150,21 +149,20 @@ def test_tiny_sweep_logs_at_the_stated_cadence_and_records_its_history(tmp_path,
             self.t += 2.0
             return self.t
 
-    monkeypatch.setattr(bench.progress, "make_reporter", lambda quiet: LogReporter(clock=StepClock(), heartbeat=False))
+    real = bench.progress.make_reporter
+    monkeypatch.setattr(bench.progress, "make_reporter", lambda quiet: real(quiet) if quiet else LogReporter(clock=StepClock(), heartbeat=False))
     config, out, history = tmp_path / "tiny.yaml", tmp_path / "out", tmp_path / "h" / "history.jsonl"
     config.write_text(TINY)
     args = ["sweep", "--profile", "ci", "--config", str(config), "--out", str(out), "--jobs", "1", "--record", str(history)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     log = result.stderr
-    assert steps_printed(log, "flow-matching") == list(range(1, 40, 4))
-    assert steps_printed(log, "shortcut") == list(range(1, 200, 15))
-    assert "train flow-matching: done, 40/40 steps" in log and "train shortcut: done, 200/200 steps" in log
+    assert steps_printed(log, "flow-matching") == list(range(1, 200, 15))
+    assert "train flow-matching: done, 200/200 steps" in log
     stages = [line.split("] ", 1)[1] for line in log.splitlines() if re.match(r"\[[\d:]+\] (stage|done):", line)]
-    assert [s.split(" (")[0].split(":")[0] for s in stages] == [
-        "stage", "done", "stage", "done", "stage", "done", "stage", "done",
-    ] and "evaluating shortcut at NFE 1, 2" in stages[-2] and stages[-1].startswith("done: evaluating shortcut")
-    assert "train shortcut:" not in result.stdout and "stage:" not in result.stdout  # progress on stderr only
+    assert [s.split(":")[0] for s in stages] == ["stage", "done", "stage", "done", "stage", "done"]
+    assert stages[-2:] == ["stage: evaluating flow-matching at NFE 1, 2", "done: evaluating flow-matching at NFE 1, 2 (2.0 s)"]
+    assert "train flow-matching:" not in result.stdout and "stage:" not in result.stdout  # progress on stderr only
 
     entries, bad = read_history(history)
     assert bad == 0 and len(entries) == 1
