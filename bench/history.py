@@ -24,11 +24,13 @@ import hashlib
 import json
 import math
 import os
+import textwrap
 from pathlib import Path
 
 import pandas as pd
 
 SCHEMA = 1
+BAND_WIDTH = 0.7  # of the trend figure's tolerance bands, in entries
 ROW_COLUMNS = ("dataset", "method", "nfe", "metric", "value", "stderr", "flag", "estimator", "num_points")
 
 
@@ -270,25 +272,27 @@ def plot_trend(judged: pd.DataFrame, metric: str, rule, path: str | Path) -> Non
     labels = {e: f"#{e} {str(c)[:7]}" for e, c in zip(judged["entry"], judged["commit"])}
     for ax, method in zip(axes.flat, methods):
         part = judged[judged["method"] == method]
-        for k, series in part.groupby("nfe"):
+        groups = list(part.groupby("nfe"))
+        width = BAND_WIDTH / len(groups)  # bands of the NFEs side by side, not on top of each other
+        for j, (k, series) in enumerate(groups):
             x = series["entry"].map(position).to_numpy(float)
             line, = ax.plot(x, series["value"], marker="o", ms=3, lw=1, label=f"NFE {k}")
             has = series["tol"].notna().to_numpy()
             for xi, prev, tol in zip(x[has], series["prev"][has], series["tol"][has]):
-                ax.fill_between([xi - 0.3, xi + 0.3], prev - tol, prev + tol, color=line.get_color(), alpha=0.18, lw=0)
+                left = xi - BAND_WIDTH / 2 + j * width
+                ax.fill_between([left, left + width], prev - tol, prev + tol, color=line.get_color(), alpha=0.3, lw=0)
             bad = (series["regressed"] | series["flagged"]).to_numpy(bool)
             ax.plot(x[bad], series["value"][bad], "x", color="red", ms=8, mew=2)
         ax.set_title(method, fontsize=9)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="best")
     for ax in axes.flat[len(methods):]:
         ax.axis("off")
     ticks = list(range(len(entries)))
     for ax in axes[-1]:
         ax.set_xticks(ticks, [labels[e] for e in entries], rotation=60, fontsize=6, ha="right")
-    fig.suptitle(
-        f"{metric} per entry; band: allowed range vs the previous entry (rule '{rule.pattern}', worse {rule.worse}: "
-        f"tol = max({rule.abs:g}, {rule.rel:g}|prev|, {rule.sigmas:g} se)); red x: regression or new flag", fontsize=8,
-    )
+    title = (f"{metric} per entry; band: allowed range vs the previous entry (rule '{rule.pattern}', worse {rule.worse}: "
+             f"tol = max({rule.abs:g}, {rule.rel:g}|prev|, {rule.sigmas:g} se)); red x: regression or new flag")
+    fig.suptitle(textwrap.fill(title, 75 * ncols), fontsize=8)
     fig.tight_layout()
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)

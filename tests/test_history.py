@@ -144,6 +144,8 @@ def test_trajectory_judges_each_entry_against_the_previous_one_at_the_tolerance(
     judged = judge_steps(traj, rule)
     a = judged[judged.method == "a"]
     assert a["regressed"].tolist() == [False, False, True, True]  # the last step moved down by 0.5
+    higher = judge_steps(traj, Rule("nll_*", worse="higher", abs=0.25, sigmas=0.0))
+    assert higher[higher.method == "a"]["regressed"].tolist() == [False, False, True, False]  # down is better
     b = judged[judged.method == "b"]
     assert b["flagged"].tolist() == [False, False, True, False] and not b["regressed"].any()
     header, rows, legend = trajectory_table(judged, entries, last=3)
