@@ -4,10 +4,13 @@ A row of NEW regresses against the same (dataset, method, nfe, metric) row of BA
 in the direction that counts as worse by more than its tolerance,
     tol = max(abs, rel * |baseline|, sigmas * sqrt(stderr_new^2 + stderr_baseline^2)),
 or when it gained a flag (any non-empty flag: invalid, nonfinite, optimistic, ...), or disappeared.
-A flag that went away ('invalid' in BASELINE, none in NEW) is a change, reported as 'unflagged'; it
-fails the check only under a rule with ``flag_change: regress``. Rules match metric names with shell
-patterns, first match wins; rules with ``gate: false`` (wall-clock, which depends on the machine) are
-reported but never fail the check.
+A flag that went away ('invalid' in BASELINE, none in NEW) is a change, reported as 'unflagged'.
+Which flag changes fail is the rule's ``flag_change``: 'gained' (the default: a flag that appears),
+'regress' (also one that disappears) or 'report' (neither; for tolerances of training noise, which
+flips flags of values near their threshold). Rules match metric names with shell patterns, first
+match wins; a rule may also name a method pattern (``method``, default '*'), so that tolerances of
+training noise can differ between methods (results/ci/rules.yaml). Rules with ``gate: false``
+(wall-clock, which depends on the machine) are reported but never fail the check.
 
 The verdict is also written as JUnit XML (one test case per metric row), JSON and Markdown
 (:func:`junit_xml`, :func:`verdict_json`, :func:`summary_markdown`) for CI systems.
@@ -23,7 +26,7 @@ import pandas as pd
 
 from bench.config import ConfigError, from_dict
 
-FLAG_CHANGES = ("report", "regress")
+FLAG_CHANGES = ("gained", "regress", "report")
 FAILING = ("regressed", "flagged", "missing")  # statuses that always fail the check
 
 
@@ -33,26 +36,28 @@ class Rule:
 
     Attributes:
         pattern: shell pattern on the metric name, e.g. 'nll_*'.
+        method: shell pattern on the method name (default '*': every method).
         worse: 'higher', 'lower', 'both' (any move beyond tolerance) or 'abs' (|value| grew).
         abs, rel, sigmas: the three tolerances, the largest applies.
         gate: whether a regression fails the check.
-        flag_change: what a flag that disappeared is: 'report' (a change, status 'unflagged') or
-            'regress' (also a regression: e.g. when a flag is expected, as for a known-optimistic row).
+        flag_change: which flag changes fail: 'gained' (a flag appeared, status 'flagged'; one that
+            disappeared, status 'unflagged', is reported), 'regress' (both) or 'report' (neither).
     """
 
     pattern: str
+    method: str = "*"
     worse: str = "both"
     abs: float = 0.0
     rel: float = 0.0
     sigmas: float = 3.0
     gate: bool = True
-    flag_change: str = "report"
+    flag_change: str = "gained"
 
     def __post_init__(self) -> None:
         if self.worse not in ("higher", "lower", "both", "abs"):
             raise ConfigError(f"rule {self.pattern!r}: worse must be higher, lower, both or abs, got {self.worse!r}")
         if self.flag_change not in FLAG_CHANGES:
-            raise ConfigError(f"rule {self.pattern!r}: flag_change must be report or regress, got {self.flag_change!r}")
+            raise ConfigError(f"rule {self.pattern!r}: flag_change must be one of {', '.join(FLAG_CHANGES)}, got {self.flag_change!r}")
         if min(self.abs, self.rel, self.sigmas) < 0:
             raise ConfigError(f"rule {self.pattern!r}: abs, rel and sigmas must be >= 0")
 
@@ -96,8 +101,12 @@ def load_rules(*paths: str | None) -> tuple[Rule, ...]:
     return tuple(rule for path in paths if path is not None for rule in read_rule_file(path)) + DEFAULT_RULES
 
 
-def rule_for(metric: str, rules: tuple[Rule, ...]) -> Rule:
-    return next(rule for rule in rules if fnmatch.fnmatchcase(metric, rule.pattern))
+def rule_for(metric: str, rules: tuple[Rule, ...], method: str | None = None) -> Rule:
+    """The first rule matching ``metric`` and ``method`` (None: whatever a rule's method pattern)."""
+    return next(
+        rule for rule in rules
+        if fnmatch.fnmatchcase(metric, rule.pattern) and (method is None or fnmatch.fnmatchcase(str(method), rule.method))
+    )
 
 
 def _finite(x: float) -> float:
@@ -144,7 +153,12 @@ def _status(r, rule: Rule) -> tuple[str, float, float, bool]:
         status = "ok"
     if not rule.gate and status != "ok":
         return "info", delta, tol, False
-    fails = status in FAILING or (status == "unflagged" and rule.flag_change == "regress")
+    if status == "flagged":
+        fails = rule.flag_change != "report" or bad
+    elif status == "unflagged":
+        fails = rule.flag_change == "regress"
+    else:
+        fails = status in FAILING
     return status, delta, tol, fails
 
 
@@ -157,7 +171,7 @@ def compare(new: pd.DataFrame, old: pd.DataFrame, rules: tuple[Rule, ...] = DEFA
     merged = old.merge(new, on=KEY, how="outer", suffixes=("_old", "_new"), indicator="presence")
     records = []
     for r in merged.itertuples(index=False):
-        rule = rule_for(r.metric, rules)
+        rule = rule_for(r.metric, rules, r.method)
         record = {k: getattr(r, k) for k in KEY} | {
             "old": r.value_old, "new": r.value_new, "delta": math.nan, "tol": math.nan,
             "flag_old": _flag(r.flag_old), "flag_new": _flag(r.flag_new), "rule": rule.pattern, "worse": rule.worse,
@@ -201,7 +215,8 @@ def message(r) -> str:
     )
     if r.flag_old != r.flag_new:
         text += f"; flag '{r.flag_old}' -> '{r.flag_new}'"
-    return f"{text}: {r.status}" + (" (counts as a regression)" if r.status == "unflagged" and r.fails else "")
+    note = {True: " (counts as a regression)", False: " (reported, not a regression)"}
+    return f"{text}: {r.status}" + (note[bool(r.fails)] if r.status in ("flagged", "unflagged") else "")
 
 
 def junit_xml(report: pd.DataFrame, suite: str = "f2d2-bench check") -> str:

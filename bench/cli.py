@@ -339,7 +339,7 @@ def check(
 ) -> None:
     """Compare NEW with a baseline metric by metric; exit 1 if anything regressed.
 
-    A row regresses when it moves the worse way by more than its tolerance, gains a flag, or disappears; a flag that disappears is reported ('unflagged') and fails only under a rule with flag_change: regress.
+    A row regresses when it moves the worse way by more than its tolerance, gains a flag, or disappears; a flag that disappears is reported ('unflagged'). A rule's flag_change says which flag changes fail: gained (default), regress (gained or lost) or report (neither).
     """
     try:
         from bench.track import run_check

@@ -231,31 +231,35 @@ def trajectories(entries: list[dict], indices: list[int], metric: str | None, me
     return metric, rows.loc[keep, columns].sort_values(["dataset", "method", "nfe", "entry"], kind="stable").reset_index(drop=True)
 
 
-def judge_steps(traj: pd.DataFrame, rule) -> pd.DataFrame:
+def judge_steps(traj: pd.DataFrame, metric: str, rules) -> pd.DataFrame:
     """``traj`` with each entry of each (dataset, method, nfe) series judged against the previous
-    entry of that series by ``rule`` (what ``check`` would have said): columns prev, delta, tol,
-    regressed (never for a series' first entry or an ungated rule) and flagged (a flag appeared)."""
-    from bench.check import judge
+    entry of that series by its rule among ``rules`` (what ``check`` would have said): columns
+    prev, delta, tol, regressed (never for a series' first entry or an ungated rule) and flagged
+    (a flag appeared and the rule's flag_change counts that)."""
+    from bench.check import judge, rule_for
 
     records = []
-    for _, series in traj.groupby(["dataset", "method", "nfe"], sort=False):
+    for (_, method, _), series in traj.groupby(["dataset", "method", "nfe"], sort=False):
+        rule = rule_for(metric, rules, method)
         prev = None
         for r in series.itertuples():
             record = {"prev": math.nan, "delta": math.nan, "tol": math.nan, "regressed": False, "flagged": False}
             if prev is not None:
                 delta, tol, bad = judge(r.value, prev.value, r.stderr, prev.stderr, rule)
                 record |= {"prev": prev.value, "delta": delta, "tol": tol, "regressed": bad and rule.gate,
-                           "flagged": bool(r.flag) and r.flag != prev.flag and rule.gate}
+                           "flagged": bool(r.flag) and r.flag != prev.flag and rule.gate and rule.flag_change != "report"}
             records.append({"index": r.Index, **record})
             prev = r
     judged = pd.DataFrame(records).set_index("index")
     return pd.concat([traj, judged.reindex(traj.index)], axis=1)
 
 
-def plot_trend(judged: pd.DataFrame, metric: str, rule, path: str | Path) -> None:
+def plot_trend(judged: pd.DataFrame, metric: str, rules, path: str | Path) -> None:
     """Trend figure (PNG, matplotlib Agg): one panel per method, a line per NFE over the entries; at
     each entry the band the check allowed against the previous entry (prev +- tol, shaded; a
     one-sided rule only fails on one side) and regressions or new flags marked with a red cross."""
+    from bench.check import rule_for
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,15 +287,16 @@ def plot_trend(judged: pd.DataFrame, metric: str, rule, path: str | Path) -> Non
                 ax.fill_between([left, left + width], prev - tol, prev + tol, color=line.get_color(), alpha=0.3, lw=0)
             bad = (series["regressed"] | series["flagged"]).to_numpy(bool)
             ax.plot(x[bad], series["value"][bad], "x", color="red", ms=8, mew=2)
-        ax.set_title(method, fontsize=9)
+        rule = rule_for(metric, rules, method)
+        ax.set_title(f"{method} (rule {rule.pattern} / {rule.method}: worse {rule.worse}, abs {rule.abs:g})", fontsize=8)
         ax.legend(fontsize=6, loc="best")
     for ax in axes.flat[len(methods):]:
         ax.axis("off")
     ticks = list(range(len(entries)))
     for ax in axes[-1]:
         ax.set_xticks(ticks, [labels[e] for e in entries], rotation=60, fontsize=6, ha="right")
-    title = (f"{metric} per entry; band: allowed range vs the previous entry (rule '{rule.pattern}', worse {rule.worse}: "
-             f"tol = max({rule.abs:g}, {rule.rel:g}|prev|, {rule.sigmas:g} se)); red x: regression or new flag")
+    title = (f"{metric} per entry; band: the range the check allowed against the previous entry, "
+             "tol = max(abs, rel |prev|, sigmas se) of the panel's rule; red x: regression or new flag")
     fig.suptitle(textwrap.fill(title, 75 * ncols), fontsize=8)
     fig.tight_layout()
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

@@ -141,7 +141,7 @@ def print_report(report: pd.DataFrame) -> None:
     for r in report.itertuples(index=False):
         cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.old, r.new, r.delta, r.tol)]
         flags = f"{r.flag_old or '-'}->{r.flag_new or '-'}" if r.flag_old != r.flag_new else r.flag_new
-        status = r.status + (" (fails)" if r.status == "unflagged" and r.fails else "")
+        status = r.status + ((" (fails)" if r.fails else " (reported)") if r.status in ("flagged", "unflagged") else "")
         table.add_row(str(r.dataset), str(r.method), str(r.nfe), str(r.metric), *cells, flags, status,
                       style="red" if r.fails else style.get(r.status))
     Console(width=170).print(table)
@@ -155,7 +155,7 @@ def run_history(
     from rich.console import Console
     from rich.table import Table
 
-    from bench.check import load_rules, rule_for
+    from bench.check import load_rules
     from bench.history import judge_steps, plot_trend, read_history, select_series, trajectories, trajectory_table
 
     if last < 1:
@@ -168,8 +168,8 @@ def run_history(
         raise HistoryError(f"history file {file} has no entries")
     indices = select_series(entries, show_all)
     metric, traj = trajectories(entries, indices, metric, method, nfe)
-    rule = rule_for(metric, load_rules(str(rules) if rules else None))
-    judged = judge_steps(traj, rule)
+    rule_set = load_rules(str(rules) if rules else None)
+    judged = judge_steps(traj, metric, rule_set)
     header, rows, legend = trajectory_table(judged, entries, last)
     table = Table(*header, title=f"{metric} over {len(indices)} of {len(entries)} entries")
     for row in rows:
@@ -177,10 +177,10 @@ def run_history(
     console = Console(width=max(120, 12 * len(header)))
     console.print(table)
     console.print("\n".join(legend), markup=False, highlight=False)
-    print(f"delta/tol/status: the last entry against the previous one, rule '{rule.pattern}' (worse: {rule.worse})"
+    print(f"delta/tol/status: the last entry against the previous one by the check's rules ({rules or 'default'})"
           + ("" if show_all else "; entries with the last entry's config hash and machine class (--all: every entry)"))
     if bad:
         print(f"skipped {bad} unreadable line(s) of {file}")
     if plot is not None:
-        plot_trend(judged, metric, rule, plot)
+        plot_trend(judged, metric, rule_set, plot)
         print(f"wrote {plot}")

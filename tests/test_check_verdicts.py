@@ -61,10 +61,19 @@ def test_nan_stderr_counts_as_zero_and_a_value_turning_nonfinite_regresses():
 def test_rules_reject_bad_values():
     with pytest.raises(ValueError, match="flag_change"):
         Rule("m", flag_change="ignore")
+    assert Rule("m").flag_change == "gained"
     with pytest.raises(ValueError, match="worse"):
         Rule("m", worse="up")
     with pytest.raises(ValueError, match=">= 0"):
         Rule("m", abs=-1.0)
+
+
+def test_a_method_pattern_narrows_a_rule():
+    rules = (Rule("nll_*", method="meanflow*", abs=0.25, sigmas=0.0), Rule("nll_*", abs=1.0, sigmas=0.0))
+    old = frame([("meanflow-f2d2", 1, "nll_nats", 3.0, 0.01, ""), ("lsd", 1, "nll_nats", 3.0, 0.01, "")])
+    for shift, expected in ((0.25, []), (0.5, ["meanflow-f2d2"]), (1.0 + EPS, ["meanflow-f2d2", "lsd"])):
+        new = old.assign(value=old["value"] + shift)
+        assert sorted(failed(compare(new, old, rules))["method"]) == sorted(expected), shift
 
 
 # flags ----------------------------------------------------------------------------------------
@@ -80,15 +89,18 @@ def frame(rows) -> pd.DataFrame:
 @pytest.mark.parametrize(
     "flag_old, flag_new, flag_change, status, fails",
     [
-        ("", "", "report", "ok", False),
-        ("", "invalid", "report", "flagged", True),  # a flag appears: always a regression
-        ("", "optimistic", "report", "flagged", True),  # any flag name, not only 'invalid'
-        ("invalid", "optimistic", "report", "flagged", True),  # another flag appears
-        ("optimistic", "optimistic", "report", "ok", False),
-        ("invalid", "", "report", "unflagged", False),  # a flag went away: a change ...
+        ("", "", "gained", "ok", False),
+        ("", "invalid", "gained", "flagged", True),  # a flag appears: a regression by default
+        ("", "optimistic", "gained", "flagged", True),  # any flag name, not only 'invalid'
+        ("invalid", "optimistic", "gained", "flagged", True),  # another flag appears
+        ("optimistic", "optimistic", "gained", "ok", False),
+        ("invalid", "", "gained", "unflagged", False),  # a flag went away: a change ...
         ("invalid", "", "regress", "unflagged", True),  # ... and a regression where the rule says so
+        ("", "invalid", "regress", "flagged", True),
         ("optimistic", float("nan"), "regress", "unflagged", True),  # an empty CSV cell reads as NaN
         (float("nan"), "", "regress", "ok", False),
+        ("", "invalid", "report", "flagged", False),  # training-noise rules: reported only
+        ("invalid", "", "report", "unflagged", False),
     ],
 )
 def test_flag_changes(flag_old, flag_new, flag_change, status, fails):
@@ -98,6 +110,14 @@ def test_flag_changes(flag_old, flag_new, flag_change, status, fails):
     report = compare(new, old, rules)
     assert report.loc[0, "status"] == status and bool(report.loc[0, "fails"]) == fails
     assert len(failed(report)) == int(fails)
+
+
+def test_a_reported_flag_still_fails_when_the_value_moved_too_far():
+    rules = (Rule("nll_*", abs=0.5, sigmas=0.0, flag_change="report"),)
+    old = frame([("a", 1, "nll_nats", 3.0, 0.01, "")])
+    for value, fails in ((2.5, False), (2.5 - EPS, True)):
+        report = compare(frame([("a", 1, "nll_nats", value, 0.01, "invalid")]), old, rules)
+        assert report.loc[0, "status"] == "flagged" and bool(report.loc[0, "fails"]) == fails
 
 
 def test_an_unflagged_row_that_also_moved_too_far_is_a_regression_and_ungated_flags_are_info():

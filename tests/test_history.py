@@ -141,10 +141,10 @@ def test_trajectory_judges_each_entry_against_the_previous_one_at_the_tolerance(
     entries = [entry({("a", 1): v, ("b", 2): 2.0}, flags={("b", 2): "optimistic"} if i == 2 else {}) for i, v in enumerate(values)]
     metric, traj = trajectories(entries, list(range(4)), None, None, None)
     assert metric == "nll_nats" and len(traj) == 8
-    judged = judge_steps(traj, rule)
+    judged = judge_steps(traj, metric, (rule,))
     a = judged[judged.method == "a"]
     assert a["regressed"].tolist() == [False, False, True, True]  # the last step moved down by 0.5
-    higher = judge_steps(traj, Rule("nll_*", worse="higher", abs=0.25, sigmas=0.0))
+    higher = judge_steps(traj, metric, (Rule("nll_*", worse="higher", abs=0.25, sigmas=0.0),))
     assert higher[higher.method == "a"]["regressed"].tolist() == [False, False, True, False]  # down is better
     b = judged[judged.method == "b"]
     assert b["flagged"].tolist() == [False, False, True, False] and not b["regressed"].any()
