@@ -272,7 +272,11 @@ def summary_markdown(report: pd.DataFrame, context: dict, max_rows: int = 50) ->
     head = "REGRESSION" if len(bad) else "OK"
     lines = [f"### f2d2-bench check: {head}", "", f"{len(report)} metrics compared: {counts}.", ""]
     lines += [f"- {k}: `{v}`" for k, v in context.items() if isinstance(v, (str, int, float, bool))] + [""]
-    changed = report[(report["status"] != "ok") & ~report["fails"].astype(bool)]
+    quiet = report["status"].isin(["ok", "info"]) | report["fails"].astype(bool)
+    changed = report[~quiet]
+    num_info = int((report["status"] == "info").sum())
+    if num_info:  # ungated rows (wall-clock): machine-dependent, listed in the JSON and JUnit files
+        lines += [f"{num_info} ungated metrics (wall-clock, speed-up, reference NFE) moved beyond their tolerance: not judged.", ""]
     for title, rows in (("Failing", bad), ("Other changes (not failing)", changed)):
         if not len(rows):
             continue

@@ -185,16 +185,18 @@ def baseline_entry(entries: list[dict], config_hash: str, machine: dict, own: tu
     """(index, entry): the last entry with this config hash and machine class, skipping the entries
     of the results under test (``own`` = (commit, results sha256): ``sweep --record`` then ``check
     --history`` in one job must not compare a run with itself)."""
+    skipped = 0
     for index in range(len(entries) - 1, -1, -1):
         entry = entries[index]
         if entry.get("config_hash") != config_hash or machine_class(entry.get("machine", {})) != machine:
             continue
         if own is not None and is_entry_of(entry, *own):
+            skipped += 1
             continue
         return index, entry
     raise HistoryError(
         f"no earlier entry with config hash {config_hash} on machine class {class_text(machine)} "
-        f"among {len(entries)} entries"
+        f"among {len(entries)} entries" + (f" ({skipped} skipped: the results under test themselves)" if skipped else "")
     )
 
 
