@@ -246,6 +246,7 @@ def sweep(
     jobs: Annotated[Optional[int], typer.Option(help="Parallel training processes on CPU (default: one per core, at most 2).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the cost plan (see `f2d2-bench plan`) and exit; nothing runs or is written.")] = False,
+    record: Annotated[Optional[Path], typer.Option(help="Append this sweep (commit, machine, config hash, every metric row) to a JSON-lines history file.")] = None,
 ) -> None:
     """Train what is missing, evaluate every method at every NFE, write results.csv and results.md."""
     from bench import dist
@@ -264,12 +265,21 @@ def sweep(
         dev = dist.rank_device(resolve_device(device))
         num_jobs = _training_processes(jobs)
         check_writable(out)
+        if record is not None:
+            from bench.history import check_record_path
+
+            check_record_path(record)
         with dist.process_group(dev), _reporter(quiet) as reporter:
             outcome = run_sweep(
                 cfg, out, cache_dir=cache_dir, data_dir=str(data_dir) if data_dir else None,
                 device=dev, jobs=num_jobs, reporter=reporter,
                 inception_weights=str(inception_weights) if inception_weights else None,
             )
+        if record is not None and dist.is_main():
+            from bench.config import stable_hash
+            from bench.history import record as record_sweep
+
+            record_sweep(record, outcome.out_dir, stable_hash(cfg), profile)
     except _user_errors() as err:
         _fail(str(err))
     except _peer_lost() as err:
@@ -378,11 +388,10 @@ def _say_stopped(signum: int) -> int:
 
 
 def _reporter(quiet: bool):
-    """Progress on stderr, from rank 0 only."""
-    from bench import dist
-    from bench.progress import RichReporter, SilentReporter
+    """Bars on a terminal, plain lines in logs, nothing with --quiet or off rank 0 (bench/progress.py)."""
+    from bench.progress import make_reporter
 
-    return SilentReporter() if quiet or not dist.is_main() else RichReporter()
+    return make_reporter(quiet)
 
 
 @app.command()
@@ -486,50 +495,51 @@ def table(
         _fail(str(err))
 
 
-@app.command()
+@app.command(epilog="Exit status: 0 no regression, 1 a regression, 2 a usage error (nothing written).")
 def check(
     new: Annotated[Path, typer.Argument(help="New results.csv (or its directory).")],
-    baseline: Annotated[Path, typer.Option(help="Baseline results.csv (or its directory).")],
+    baseline: Annotated[Optional[Path], typer.Option(help="Baseline results.csv (or its directory).")] = None,
+    history: Annotated[Optional[Path], typer.Option(help="Take the baseline from this history (sweep --record): its last entry with NEW's config hash and machine class (CPU model, torch version, accelerator), other than NEW's own.")] = None,
     rules: Annotated[Optional[Path], typer.Option(help="YAML list of tolerance rules applied before the defaults.")] = None,
+    cross_machine_rules: Annotated[Optional[Path], typer.Option(help="YAML rules applied (after --rules) only when NEW and the baseline come from different machine classes (env.json).")] = None,
     show: Annotated[str, typer.Option(help="'changes' (non-ok rows) or 'all'.")] = "changes",
+    junit: Annotated[Optional[Path], typer.Option(help="Write JUnit XML: a test case per metric row, failures for regressions.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the verdict and every row as JSON.")] = None,
+    summary: Annotated[Optional[Path], typer.Option(help="Write a Markdown summary (also appended to $GITHUB_STEP_SUMMARY when set).")] = None,
 ) -> None:
-    """Compare NEW with BASELINE metric by metric; exit 1 if anything regressed."""
-    try:
-        from bench.check import compare, failed, load_rules
-        from bench.tables import read_rows
+    """Compare NEW with a baseline metric by metric; exit 1 if anything regressed.
 
-        frames = []
-        for path in (new, baseline):
-            path = path / "results.csv" if path.is_dir() else path
-            if not path.is_file():
-                raise UserError(f"results file {path} not found")
-            frames.append(read_rows(str(path)))
-        if rules is not None and not rules.is_file():
-            raise UserError(f"rules file {rules} not found")
-        report = compare(frames[0], frames[1], load_rules(str(rules) if rules else None))
+    A row regresses when it moves the worse way by more than its tolerance, gains a flag, or disappears; a flag that disappears is reported ('unflagged'). A rule's flag_change says which flag changes fail: gained (default), regress (gained or lost) or report (neither).
+    """
+    try:
+        from bench.track import run_check
+
+        num_failed = run_check(new, baseline, history, rules, cross_machine_rules, show, junit, json_out, summary)
     except (*_user_errors(), ValueError) as err:
         _fail(str(err))
-    _print_report(report if show == "all" else report[report["status"] != "ok"])
-    bad = failed(report)
-    counts = report["status"].value_counts().to_dict()
-    typer.echo(f"{len(report)} metrics compared: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-    if len(bad):
-        typer.echo(f"REGRESSION: {len(bad)} metric(s) regressed", err=True)
+    if num_failed:
+        typer.echo(f"REGRESSION: {num_failed} metric(s) regressed", err=True)
         raise typer.Exit(1)
 
 
-def _print_report(report) -> None:
-    from rich.console import Console
-    from rich.table import Table
+@app.command("history")
+def show_history(
+    file: Annotated[Path, typer.Argument(help="A history file written by `sweep --record`.")],
+    metric: Annotated[Optional[str], typer.Option(help="Metric name (default nll_nats, else nll_bpd).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Only this method.")] = None,
+    nfe: Annotated[Optional[int], typer.Option(help="Only this NFE.")] = None,
+    last: Annotated[int, typer.Option(help="Most recent entries shown as columns (the figure shows all).")] = 8,
+    all_entries: Annotated[bool, typer.Option("--all", help="Every entry; default: those with the last entry's config hash and machine class.")] = False,
+    rules: Annotated[Optional[Path], typer.Option(help="YAML tolerance rules for the band (before the defaults).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a trend figure (PNG) with the check's tolerance band.")] = None,
+) -> None:
+    """Show a metric's trajectory per method and NFE over the entries of a history file."""
+    try:
+        from bench.track import run_history
 
-    if not len(report):
-        return
-    table = Table("dataset", "method", "nfe", "metric", "baseline", "new", "delta", "tolerance", "status")
-    style = {"regressed": "red", "flagged": "red", "missing": "red", "info": "yellow", "new": "cyan"}
-    for r in report.itertuples(index=False):
-        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.old, r.new, r.delta, r.tol)]
-        table.add_row(str(r.dataset), str(r.method), str(r.nfe), str(r.metric), *cells, r.status, style=style.get(r.status))
-    Console(width=160).print(table)
+        run_history(file, metric, method, nfe, last, all_entries, rules, plot)
+    except (*_user_errors(), ValueError) as err:
+        _fail(str(err))
 
 
 @app.command("reference-accuracy")

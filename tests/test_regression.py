@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from typer.testing import CliRunner
 
 from bench.check import compare, failed, load_rules
 from bench.cli import app
-from bench.env import cpu_model, package_version
+from bench.env import cpu_model, environment, package_version
+from bench.history import machine_class
 from bench.tables import read_rows
 
 CI = Path(__file__).resolve().parent.parent / "results" / "ci"
@@ -24,9 +26,10 @@ BASELINE = CI / "checkerboard" / "results.csv"
 
 
 def same_machine_kind(env: dict) -> bool:
-    # env.json records package versions from the installed metadata ('2.14.1'), not torch.__version__
-    # ('2.14.1+cu130'); comparing those two never matched, so the loose cross-machine rules always applied.
-    return env.get("cpu_model") == cpu_model() and env["versions"].get("torch") == package_version("torch")
+    """The machine class of bench/history.py (CPU model, torch version as env.json records it, i.e.
+    without a local build suffix such as '+cu130', and the accelerator). Comparing torch.__version__
+    ('2.14.1+cu130') with the recorded '2.14.1' once made the loose cross-machine rules apply everywhere."""
+    return machine_class(env) == machine_class(environment(torch.device("cpu")))
 
 
 def test_ci_profile_matches_the_committed_baseline(tmp_path):
