@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from bench.cells import EvalContext, Row, evaluate_cell
-from bench.config import METRIC_GROUPS, ConfigError, EvalConfig, merge
+from bench.config import ConfigError, EvalConfig, measured_groups, merge
 from bench.datasets import Dataset, get_dataset
 from bench.env import device_name, resolve_device
 from bench.measure import per_sample_noise, reference
@@ -31,13 +31,8 @@ QUALITY_GROUPS = frozenset({"quality", "guidance"})  # need the sample-quality e
 
 
 def resolve_groups(cfg: EvalConfig) -> frozenset[str]:
-    """The metric groups a sweep computes: ``cfg.metrics``, or every group when it is empty
-    ('guidance' only when ``cfg.guidance_etas`` are set). Every registered dataset supports the
-    other groups (2D data: energy distance and grid mass; images: FD/FID and importance-sampled
-    mass)."""
-    if cfg.metrics:
-        return frozenset(cfg.metrics)
-    return frozenset(g for g in METRIC_GROUPS if g != "guidance" or cfg.guidance_etas)
+    """The metric groups a sweep computes (:func:`bench.config.measured_groups`)."""
+    return measured_groups(cfg)
 
 
 def prepare(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from bench.config import ConfigError, from_dict
+from bench.config import ConfigError, from_dict, metric_group
 
 FLAG_CHANGES = ("gained", "regress", "report")
 FAILING = ("regressed", "flagged", "missing")  # statuses that always fail the check
@@ -162,10 +162,14 @@ def _status(r, rule: Rule) -> tuple[str, float, float, bool]:
     return status, delta, tol, fails
 
 
-def compare(new: pd.DataFrame, old: pd.DataFrame, rules: tuple[Rule, ...] = DEFAULT_RULES) -> pd.DataFrame:
+def compare(
+    new: pd.DataFrame, old: pd.DataFrame, rules: tuple[Rule, ...] = DEFAULT_RULES, measured: frozenset[str] | None = None
+) -> pd.DataFrame:
     """One row per metric row of either set: values, flags, delta, tolerance, the rule's pattern, a
-    status ('ok', 'regressed', 'flagged', 'unflagged', 'missing', 'info' for ungated changes, 'new'
-    for rows only in NEW) and ``fails`` (whether the row fails the check)."""
+    status ('ok', 'regressed', 'flagged', 'unflagged', 'missing', 'not measured', 'info' for ungated
+    changes, 'new' for rows only in NEW) and ``fails`` (whether the row fails the check).
+    ``measured``: the metric groups NEW computed (its config's eval.metrics); a baseline row of a
+    group NEW did not measure is 'not measured' (a dash, never a regression), not 'missing'."""
     old = old.assign(flag=old["flag"] if "flag" in old else "")
     new = new.assign(flag=new["flag"] if "flag" in new else "")
     merged = old.merge(new, on=KEY, how="outer", suffixes=("_old", "_new"), indicator="presence")
@@ -176,7 +180,9 @@ def compare(new: pd.DataFrame, old: pd.DataFrame, rules: tuple[Rule, ...] = DEFA
             "old": r.value_old, "new": r.value_new, "delta": math.nan, "tol": math.nan,
             "flag_old": _flag(r.flag_old), "flag_new": _flag(r.flag_new), "rule": rule.pattern, "worse": rule.worse,
         }
-        if r.presence == "left_only":
+        if r.presence == "left_only" and measured is not None and metric_group(r.metric, r.method) not in measured:
+            record |= {"status": "not measured", "fails": False}
+        elif r.presence == "left_only":
             record |= {"status": "missing" if rule.gate else "info", "fails": rule.gate}
         elif r.presence == "right_only":
             record |= {"status": "new", "fails": False}
@@ -209,6 +215,8 @@ def message(r) -> str:
         return f"{where}: in the baseline ({_num(r.old)}) but missing from the new results"
     if r.status == "new":
         return f"{where}: new metric ({_num(r.new)}), no baseline"
+    if r.status == "not measured":
+        return f"{where}: in the baseline ({_num(r.old)}); its metric group was not selected in the new run"
     text = (
         f"{where}: baseline {_num(r.old)}, new {_num(r.new)}, delta {'+' if r.delta > 0 else ''}{_num(r.delta)}, "
         f"tolerance {_num(r.tol)} (rule '{r.rule}', worse: {r.worse})"

@@ -126,6 +126,16 @@ def metric_group(metric: str, method: str = "") -> str:
     return "quality"
 
 
+def measured_groups(cfg: "EvalConfig") -> frozenset[str]:
+    """The metric groups a sweep with this evaluation config computes: ``cfg.metrics``, or every
+    group when it is empty ('guidance' only when ``cfg.guidance_etas`` are set). Every registered
+    dataset supports the other groups (2D data: energy distance and grid mass; images: FD/FID and
+    importance-sampled mass)."""
+    if cfg.metrics:
+        return frozenset(cfg.metrics)
+    return frozenset(g for g in METRIC_GROUPS if g != "guidance" or cfg.guidance_etas)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Evaluation protocol (METHOD.md Sec. 4).

@@ -97,7 +97,7 @@ def run_check(
         context |= {"new_machine_class": class_text(new_class), "baseline_machine_class": class_text(base_class),
                     "cross_machine_rules": str(cross_machine_rules) if use_cross else "not applied (same machine class)"}
     files = [str(rules) if rules else None, str(cross_machine_rules) if use_cross else None]
-    report = compare(new_frame, base.frame, load_rules(*files))
+    report = compare(new_frame, base.frame, load_rules(*files), measured_groups_of(new_path.parent))
     write_verdicts(report, context, junit, json_path, summary)
     print_report(report if show == "all" else report[report["status"] != "ok"])
     bad = failed(report)
@@ -105,6 +105,21 @@ def run_check(
     print(f"{len(report)} metrics compared: {counts}")
     print(f"baseline: {base.label}" + (f"; cross-machine rules {cross_machine_rules}" if use_cross else ""))
     return len(bad)
+
+
+def measured_groups_of(directory: Path) -> frozenset[str] | None:
+    """The metric groups the sweep behind a results directory computed (from its config.yaml),
+    None when unknown (a results.csv without its config: every baseline row is then expected)."""
+    import yaml
+
+    from bench.config import ConfigError, EvalConfig, from_dict, measured_groups
+
+    path = directory / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+        return measured_groups(from_dict(EvalConfig, data["eval"], "eval")) if isinstance(data, dict) and "eval" in data else None
+    except (yaml.YAMLError, ConfigError, TypeError, KeyError):
+        return None
 
 
 def write_verdicts(report: pd.DataFrame, context: dict, junit: Path | None, json_path: Path | None, summary: Path | None) -> None:

@@ -192,7 +192,8 @@ def results_dir(tmp_path: Path, name: str, edit=None, env_edit=None) -> Path:
         shutil.copy(CI / file, out / file)
     rows = pd.read_csv(CI / "results.csv")
     if edit is not None:
-        edit(rows)
+        edited = edit(rows)  # edits in place, or returns the edited frame
+        rows = rows if edited is None else edited
     rows.to_csv(out / "results.csv", index=False)
     if env_edit is not None:
         env = json.loads((out / "env.json").read_text())
@@ -302,3 +303,34 @@ def test_load_rules_keeps_file_order_then_defaults(tmp_path):
     b.write_text('- {pattern: "nll_*", abs: 2.0}\n')
     rules = load_rules(str(a), None, str(b))
     assert [r.abs for r in rules[:2]] == [1.0, 2.0] and rules[2:] == DEFAULT_RULES
+
+
+def test_groups_the_new_run_did_not_measure_are_dashes_not_regressions(tmp_path):
+    """A `--metrics nll` run against a full baseline: the quality, timing, calibration and mass rows
+    are 'not measured' (exit 0); a missing row of a measured group is still 'missing' (exit 1)."""
+    from bench.config import metric_group
+
+    def likelihood_only(rows):
+        return rows[[metric_group(m, meth) == "nll" for m, meth in zip(rows.metric, rows.method)]]
+
+    new = results_dir(tmp_path, "new", likelihood_only)
+    config = (new / "config.yaml").read_text()
+    assert "metrics: []" in config
+    (new / "config.yaml").write_text(config.replace("metrics: []", "metrics: [nll]"))
+    out = tmp_path / "v.json"
+    result = check(new, "--baseline", CI, "--json", out)
+    assert result.exit_code == 0, result.output
+    statuses = {row["status"] for row in json.loads(out.read_text())["rows"]}
+    assert statuses == {"ok", "not measured"} or statuses == {"ok", "not measured", "unflagged"}
+
+    def also_drop_an_nll_row(rows):
+        rows = likelihood_only(rows)
+        return rows.drop(rows.index[rows.metric == "nll_ref_nats"][:1])
+
+    worse = results_dir(tmp_path, "worse", also_drop_an_nll_row)
+    (worse / "config.yaml").write_text(config.replace("metrics: []", "metrics: [nll]"))
+    result = check(worse, "--baseline", CI)
+    assert result.exit_code == 1 and "missing" in result.output
+    # without its config the run's groups are unknown: every baseline row is expected
+    (new / "config.yaml").unlink()
+    assert check(new, "--baseline", CI).exit_code == 1
