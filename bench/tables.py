@@ -29,6 +29,7 @@ WIDE = [
     ("nll_ref", "own ref", 3, True),
     ("nll_teacher", "teacher ref", 3, True),
     ("nll_gap", "gap", 3, True),
+    ("mass", "mass", 3, False),
     ("entropy", "true", 3, True),
     ("calib_mae", "calib MAE", 3, True),
     ("calib_spearman", "Spearman", 3, False),
@@ -38,6 +39,7 @@ WIDE = [
     ("fd_digits", "FD-digits", 2, False),
     ("fd_mnist", "FD-mnist", 2, False),
     ("fid", "FID", 2, False),
+    ("kid", "KID", 4, False),
     ("sample_wall_s", "sample s", 4, False),
     ("nll_wall_s", "NLL s", 4, False),
     ("nll_speedup", "speed-up", 0, False),
@@ -131,6 +133,8 @@ def legend(frame: pd.DataFrame, unit: str) -> str:
         f"or a negative bits/dim), {OPTIMISTIC_MARK} an optimistic one (below the method's own exact NLL by "
         f"more than 3 paired standard errors + {_tol_text(unit)}). own ref: the method's own instantaneous "
         f"field through the exact ODE; teacher ref: the flow-matching teacher's. gap: NLL minus own ref (paired). "
+        f"mass: total mass of the few-step density (1 for a normalised density; grid quadrature in 2D, importance "
+        f"sampling for images, see results.csv's estimator column). "
         f"A dash: not measured (metric group not selected) or not applicable. "
         f"Times are medians of repeats on {', '.join(devices)}. Estimators: {'; '.join(estimators)}."
     )
