@@ -90,8 +90,10 @@ def _resolve_config(
     methods: Optional[str],
     checkpoints: Optional[list[str]] = None,
     data_dir: Optional[Path] = None,
+    teacher: Optional[Path] = None,
 ):
-    """Profile defaults for the dataset, then the YAML file, then the command-line options."""
+    """Profile defaults for the dataset, then the YAML file, then the command-line options.
+    ``teacher`` is ``--checkpoint flow-matching=DIR`` except that it never narrows the methods."""
     from dataclasses import replace
 
     from bench.config import ConfigError, apply_sweep_yaml, parse_nfe, read_sweep_yaml
@@ -120,6 +122,12 @@ def _resolve_config(
         cfg = replace(cfg, checkpoints={**cfg.checkpoints, **given})
         if methods is None:  # evaluate exactly what was provided
             cfg = replace(cfg, methods=tuple(given))
+    if teacher is not None:
+        from bench.sweep import TEACHER
+
+        if TEACHER in _parse_checkpoints(checkpoints or []):
+            raise UserError(f"--teacher and --checkpoint {TEACHER}=... both name the teacher; give one")
+        cfg = replace(cfg, checkpoints={**cfg.checkpoints, TEACHER: str(teacher)})
     for name in [*cfg.methods, *cfg.method_options, *cfg.train_overrides, *cfg.checkpoints]:
         _parse_methods(name)
     where = f"{config}: " if config is not None else ""
@@ -145,12 +153,13 @@ def sweep(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     inception_weights: Annotated[Optional[Path], typer.Option(help="clean-fid's inception-2015-12-05.pt (or its folder) for FID on RGB data; default ~/.cache/f2d2-bench/.")] = None,
     checkpoint: Annotated[Optional[list[str]], typer.Option(help="METHOD=PATH: evaluate this trained checkpoint instead of training (repeatable).")] = None,
+    teacher: Annotated[Optional[Path], typer.Option(help="A flow-matching checkpoint (e.g. from `f2d2-bench import torchcfm`) used as the teacher: --checkpoint flow-matching=DIR that keeps the methods to train.")] = None,
     jobs: Annotated[int, typer.Option(help="Parallel training processes on CPU (0: one per core, at most 2).")] = 0,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Train what is missing, evaluate every method at every NFE, write results.csv and results.md."""
     try:
-        cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir)
+        cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir, teacher)
         from bench.env import resolve_device
         from bench.sweep import check_writable, run_sweep
 
@@ -276,6 +285,44 @@ def guide(
     if not quiet:
         typer.echo(text)
         typer.echo(f"wrote {outcome.out_dir}/results.csv and guidance.md")
+
+
+import_app = typer.Typer(no_args_is_help=True, help="Convert models trained elsewhere into f2d2-bench checkpoints.")
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("torchcfm")
+def import_torchcfm(
+    file: Annotated[Path, typer.Argument(help="A TorchCFM CIFAR-10 checkpoint, e.g. otcfm_cifar10_weights_step_400000.pt.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to create (must not exist, or be empty).")],
+    variant: Annotated[Optional[str], typer.Option(help="otcfm, cfm (icfm) or fm; default: from the file name.")] = None,
+    num_head_channels: Annotated[int, typer.Option(help="Channels per attention head (TorchCFM CIFAR-10: 64; -1: use --num-heads).")] = 64,
+    num_heads: Annotated[int, typer.Option(help="Attention heads when --num-head-channels is -1.")] = 4,
+    quiet: Annotated[bool, typer.Option(help="No summary output.")] = False,
+) -> None:
+    """Convert a TorchCFM CIFAR-10 flow-matching checkpoint into a flow-matching teacher (no torchcfm needed).
+
+    The result loads with bench.load_checkpoint and serves `f2d2-bench sweep --teacher DIR`.
+    """
+    try:
+        from bench.torchcfm_import import import_torchcfm as convert
+
+        directory = convert(file, out, variant=variant, num_heads=num_heads, num_head_channels=num_head_channels)
+    except (*_user_errors(), ValueError) as err:  # ConversionError is a ValueError
+        _fail(str(err))
+    except KeyboardInterrupt as err:
+        _interrupted(err)
+    if not quiet:
+        from bench.checkpoint import read_meta
+
+        meta = read_meta(directory)
+        source, cfg = meta["source"], meta["model"]
+        typer.echo(
+            f"wrote {directory}: flow-matching teacher for {meta['dataset']} from {source['file']} "
+            f"(variant {source['variant']}, sha256 {source['sha256'][:16]}..., ADM UNet channels {cfg['channels']} "
+            f"x {cfg['channel_mult']}, {meta['conversion']['num_tensors']} tensors, "
+            f"published CIFAR-10 architecture: {'yes' if source['published_cifar10_architecture'] else 'no'})"
+        )
 
 
 def cfg_method_config(cfg, method: str):

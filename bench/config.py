@@ -23,13 +23,20 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Network architecture. 'mlp' for 2D data; 'unet' for images (see bench/images.py).
+    """Network architecture: 'mlp' for 2D data, 'unet' for images (see bench/images.py), 'adm' for
+    OpenAI's ADM UNet as TorchCFM ships it (an instantaneous field for flow matching, e.g. an
+    imported TorchCFM teacher; f2d2/adm.py), or a user network "package.module:factory" (see
+    bench/models.py and the protocol in f2d2/model.py).
 
     Attributes:
         hidden, depth: MLP width and number of hidden layers.
         x_frequencies, x_scale: Fourier features sin/cos(2^k pi x / x_scale) of the input, k < x_frequencies.
         t_frequencies: Fourier features sin/cos(2^k pi t) of t and of s - t, k < t_frequencies.
-        channels, channel_mult, num_res_blocks, div_pool: UNet options (images only).
+        channels, channel_mult, num_res_blocks: UNet and ADM widths and depth.
+        div_pool: UNet divergence-head pooling.
+        attention_resolutions, num_heads, num_head_channels, dropout: ADM options (TorchCFM's
+            CIFAR-10 values by default: attention at 16 x 16, heads of 64 channels; no dropout).
+        arch_options: extra keyword arguments of a user factory (JSON-like values).
     """
 
     arch: str = "mlp"
@@ -42,6 +49,16 @@ class ModelConfig:
     channel_mult: tuple[int, ...] = (1, 2)
     num_res_blocks: int = 1
     div_pool: str = "mlp"
+    attention_resolutions: tuple[int, ...] = (16,)
+    num_heads: int = 4
+    num_head_channels: int = 64
+    dropout: float = 0.0
+    arch_options: dict[str, Any] = field(default_factory=dict)
+
+    # Added after checkpoints existed: left out of cache keys while at their default.
+    KEY_OMITS_DEFAULT: typing.ClassVar[tuple[str, ...]] = (
+        "attention_resolutions", "num_heads", "num_head_channels", "dropout", "arch_options",
+    )
 
 
 @dataclass(frozen=True)
