@@ -93,11 +93,12 @@ def read_source(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, KeyError, EOFError, UnpicklingError...
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        refused = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+        refused = [line for line in lines if "GLOBAL" in line]  # the weights-only unpickler's refusal
         if refused:
             raise ConversionError(f"{path}: refused, the file asks to load Python objects ({refused[0]}); "
                                   "only tensors and plain containers are read (torch.load weights_only=True)") from None
-        reason = lines[0][:160] if lines else type(err).__name__
+        detail = [line for line in lines if line.startswith("Unsupported")] or lines or [type(err).__name__]
+        reason = detail[0].split(". ")[0][:160]
         raise ConversionError(f"{path}: not a readable torch file ({type(err).__name__}: {reason})") from None
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: expected a dict with an {ENTRY!r} entry (TorchCFM's train_cifar10.py), got {type(obj).__name__}")
