@@ -201,7 +201,10 @@ def load_checkpoint(
     except ConfigError as err:
         raise CheckpointError(f"{directory / META}: {err}") from None
     selected = best and ema and meta.get("best_step") is not None
-    state = prefixed(tensors, "best/" if selected else ("ema/" if ema else "model/"))
+    prefix = "best/" if selected else ("ema/" if ema else "model/")
+    state = prefixed(tensors, prefix)
+    if not state:  # imported checkpoints carry their EMA weights only
+        raise CheckpointError(f"{directory / meta['weights_file']}: no {prefix!r} weights in this checkpoint (load with ema=True)")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

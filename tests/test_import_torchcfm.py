@@ -18,7 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bench.checkpoint import load_checkpoint, read_meta
+from bench.checkpoint import CheckpointError, load_checkpoint, read_meta
 from bench.cli import app
 from f2d2.divergence import Hutchinson
 from f2d2.likelihood import Solver, reference_log_prob
@@ -101,6 +101,8 @@ def test_metadata_records_source_variant_and_conventions(small):
     assert meta["model"]["num_head_channels"] == 32 and meta["model"]["attention_resolutions"] == [16]
     assert "t = 0 noise, t = 1 data" in meta["conversion"]["conventions"]
     assert not model.capabilities.flow_map and not model.capabilities.divergence_head
+    with pytest.raises(CheckpointError, match="no 'model/' weights in this checkpoint"):  # only EMA weights exist
+        load_checkpoint(source.parent / "teacher", ema=False)
 
 
 def test_exact_ode_nll_equals_an_independent_solve_through_torchcfm(small):
@@ -280,6 +282,55 @@ def test_real_processes_refuse_code_and_truncation_and_work_without_torchcfm(sma
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout and "variant otcfm" in done.stdout
     assert read_meta(tmp_path / "ok")["sha256"] == model.meta["sha256"]  # the same converted weights
+
+
+def test_teacher_option_is_a_flow_matching_checkpoint_that_keeps_the_methods(small):
+    from bench.cli import UserError, _resolve_config
+    from bench.profiles import default_config
+
+    _, _, model, root = small
+    teacher = root / "teacher"
+    cfg = _resolve_config("checkerboard", "default", None, None, None, None, None, teacher)
+    assert cfg.checkpoints == {"flow-matching": str(teacher)} and cfg.methods == default_config("checkerboard").methods
+    with pytest.raises(UserError, match="--teacher and --checkpoint flow-matching=... both name the teacher"):
+        _resolve_config("checkerboard", "default", None, None, None, [f"flow-matching={teacher}"], None, teacher)
+
+
+def test_an_imported_teacher_serves_distill_students_and_keys_their_cache(small, tmp_path):
+    """plan_jobs with the teacher provided: the distill student points at it, its cache key follows
+    the teacher's source (same file elsewhere: same key; another file: another key), and it trains."""
+    from dataclasses import replace
+
+    from bench.config import ModelConfig, TrainConfig
+    from bench.datasets import get_dataset
+    from bench.jobs import run_job
+    from bench.profiles import default_config
+    from bench.sweep import Provided, plan_jobs
+    from test_images import write_cifar
+
+    _, source, _, root = small
+    write_cifar(tmp_path, as_archive=False)
+    dataset = get_dataset("cifar10", str(tmp_path))
+    base = replace(default_config("cifar10"), methods=("flow-matching", "shortcut-distill"),
+                   model=ModelConfig(arch="unet", channels=8, channel_mult=(1,), num_res_blocks=1),
+                   train=TrainConfig(steps=2, batch_size=4, warmup_steps=1))
+
+    def student(teacher: Path):
+        cfg = replace(base, checkpoints={"flow-matching": str(teacher)})
+        sources = plan_jobs(cfg, dataset, str(tmp_path), tmp_path / "cache", dataset.kappa, dataset.sigma_0)
+        assert isinstance(sources["flow-matching"], Provided)
+        return sources["shortcut-distill"]
+
+    job = student(root / "teacher")
+    assert job.teacher_dir == str(root / "teacher")
+    assert job.identity()["teacher"] == read_meta(root / "teacher")["cache_key"]
+    import_file(source, tmp_path / "same", "--num-head-channels", "32")
+    other_file = save_like_train_cifar10(torchcfm_net(SMALL, seed=9), tmp_path / "fm_cifar10_weights_step_1.pt")
+    import_file(other_file, tmp_path / "other", "--num-head-channels", "32")
+    assert student(tmp_path / "same").key == job.key != student(tmp_path / "other").key
+    directory = run_job(job)
+    trained = read_meta(directory)
+    assert trained["complete"] and trained["step"] == 2 and trained["teacher_dir"] == str(root / "teacher")
 
 
 @pytest.mark.slow
