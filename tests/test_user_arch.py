@@ -144,3 +144,41 @@ def test_a_checkpoint_whose_user_module_is_gone_names_the_file(user_sweep, tmp_p
     (copy / "checkpoint.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"checkpoint\.json: model.arch 'tests.gone_module:factory': cannot import"):
         load_checkpoint(copy)
+
+
+def adm_config(**changes) -> ModelConfig:
+    options = dict(arch="adm", channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                   num_head_channels=16)
+    return ModelConfig(**{**options, **changes})
+
+
+@pytest.mark.parametrize(
+    "changes,caps,message",
+    [
+        ({}, NO_HEAD, "model.arch 'adm' is an instantaneous field v(x, t) that ignores s"),
+        ({}, HEAD, "model.arch 'adm' has no divergence head"),
+        ({"channels": 48}, FIELD, "channels a multiple of 32"),
+        ({"num_head_channels": 24}, FIELD, "64 attention channels are not a multiple of num_head_channels 24"),
+    ],
+)
+def test_adm_serves_flow_matching_only_and_checks_its_options(changes, caps, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_model(adm_config(**changes), (1, 8, 8), caps, kappa=1.0, sigma_0=1.0)
+
+
+def test_adm_follows_the_protocol_and_its_divergence_is_the_jacobian_trace(float64):
+    """Per-sample outputs (the probe), and vmap-of-vjp's exact divergence equals the trace of the
+    dense Jacobian: what the exact-ODE reference of an imported teacher relies on."""
+    from f2d2.divergence import Exact, divergence
+
+    model = build_model(adm_config(), (1, 8, 8), FIELD, kappa=1.0, sigma_0=1.0)
+    with torch.no_grad():
+        for param in model.parameters():  # leave the zero initialisation: every path contributes
+            param.add_(0.05 * torch.randn_like(param))
+    check_flow_map_net(model.net, (1, 8, 8), False)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.8])
+    div = divergence(lambda z: model.velocity(z, t), x, Exact()).value
+    for b in range(2):
+        jac = torch.autograd.functional.jacobian(lambda z: model.velocity(z[None], t[b : b + 1])[0], x[b])
+        torch.testing.assert_close(div[b], jac.reshape(64, 64).trace(), rtol=1e-10, atol=1e-10)
+    assert model(x, t, t + 0.5).u.equal(model.velocity(x, t))  # s is ignored
