@@ -6,7 +6,8 @@ metadata needed to turn its outputs into densities: the divergence scale kappa a
 sigma_0 (arXiv:2512.02636, Sec. 3).
 
 The network protocol (what a user-defined network must satisfy; :func:`check_flow_map_net` checks
-it on a probe batch, and the harness runs that check whenever it builds or loads a network):
+it on a probe batch, and the harness runs that check whenever it builds or loads a user network,
+``model.arch: "package.module:factory"``, see bench/models.py):
 
 - It is a ``torch.nn.Module`` (subclassing :class:`FlowMapNet` is recommended, not required) with
   ``data_shape: tuple[int, ...]``, the shape of one sample, equal to the dataset's (e.g. (2,) or
