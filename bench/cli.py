@@ -12,6 +12,7 @@ signal it receives and reports the stop, never the side effect.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -287,44 +288,6 @@ def guide(
         typer.echo(f"wrote {outcome.out_dir}/results.csv and guidance.md")
 
 
-import_app = typer.Typer(no_args_is_help=True, help="Convert models trained elsewhere into f2d2-bench checkpoints.")
-app.add_typer(import_app, name="import")
-
-
-@import_app.command("torchcfm")
-def import_torchcfm(
-    file: Annotated[Path, typer.Argument(help="A TorchCFM CIFAR-10 checkpoint, e.g. otcfm_cifar10_weights_step_400000.pt.")],
-    out: Annotated[Path, typer.Option(help="Checkpoint directory to create (must not exist, or be empty).")],
-    variant: Annotated[Optional[str], typer.Option(help="otcfm, cfm (icfm) or fm; default: from the file name.")] = None,
-    num_head_channels: Annotated[int, typer.Option(help="Channels per attention head (TorchCFM CIFAR-10: 64; -1: use --num-heads).")] = 64,
-    num_heads: Annotated[int, typer.Option(help="Attention heads when --num-head-channels is -1.")] = 4,
-    quiet: Annotated[bool, typer.Option(help="No summary output.")] = False,
-) -> None:
-    """Convert a TorchCFM CIFAR-10 flow-matching checkpoint into a flow-matching teacher (no torchcfm needed).
-
-    The result loads with bench.load_checkpoint and serves `f2d2-bench sweep --teacher DIR`.
-    """
-    try:
-        from bench.torchcfm_import import import_torchcfm as convert
-
-        directory = convert(file, out, variant=variant, num_heads=num_heads, num_head_channels=num_head_channels)
-    except (*_user_errors(), ValueError) as err:  # ConversionError is a ValueError
-        _fail(str(err))
-    except KeyboardInterrupt as err:
-        _interrupted(err)
-    if not quiet:
-        from bench.checkpoint import read_meta
-
-        meta = read_meta(directory)
-        source, cfg = meta["source"], meta["model"]
-        typer.echo(
-            f"wrote {directory}: flow-matching teacher for {meta['dataset']} from {source['file']} "
-            f"(variant {source['variant']}, sha256 {source['sha256'][:16]}..., ADM UNet channels {cfg['channels']} "
-            f"x {cfg['channel_mult']}, {meta['conversion']['num_tensors']} tensors, "
-            f"published CIFAR-10 architecture: {'yes' if source['published_cifar10_architecture'] else 'no'})"
-        )
-
-
 def cfg_method_config(cfg, method: str):
     from baselines import get_method
     from bench.config import merge
@@ -483,6 +446,10 @@ def main() -> None:
         raise SystemExit(_say_stopped(_STOP_SIGNALS[0]))
     raise SystemExit(status if isinstance(status, int) else 0)
 
+
+from bench import cli_import  # noqa: E402 - its commands use the helpers above
+
+cli_import.register(app, sys.modules[__name__])
 
 if __name__ == "__main__":
     main()
