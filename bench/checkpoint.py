@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bench.config import ModelConfig, from_dict
+from bench.config import ConfigError, ModelConfig, from_dict
 from bench.env import git_commit, package_version
 from bench.io import write_json, write_with
 from f2d2.model import Capabilities, FlowMap
@@ -194,11 +194,17 @@ def load_checkpoint(
             raise TypeError("capabilities must be booleans")
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{directory / META}: invalid model description ({err})") from None
-    model = build_model(
-        model_cfg, tuple(meta["data_shape"]), caps, kappa=meta["kappa"], sigma_0=meta["sigma_0"], meta=meta
-    )
+    try:  # a user architecture ("module:factory") is imported and checked against the protocol here
+        model = build_model(
+            model_cfg, tuple(meta["data_shape"]), caps, kappa=meta["kappa"], sigma_0=meta["sigma_0"], meta=meta
+        )
+    except ConfigError as err:
+        raise CheckpointError(f"{directory / META}: {err}") from None
     selected = best and ema and meta.get("best_step") is not None
-    state = prefixed(tensors, "best/" if selected else ("ema/" if ema else "model/"))
+    prefix = "best/" if selected else ("ema/" if ema else "model/")
+    state = prefixed(tensors, prefix)
+    if not state:  # imported checkpoints carry their EMA weights only
+        raise CheckpointError(f"{directory / meta['weights_file']}: no {prefix!r} weights in this checkpoint (load with ema=True)")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

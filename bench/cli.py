@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -136,10 +137,12 @@ def _resolve_config(
     data_dir: Optional[Path] = None,
     shortcuts: Optional[dict] = None,
     need_files: bool = True,
+    teacher: Optional[Path] = None,
 ):
     """Profile defaults for the dataset, then the YAML file, then the command-line options
     (``shortcuts``: --metrics, --num-test, --num-samples, --steps). ``need_files=False`` (the cost
-    plan) resolves a file-backed dataset without its files."""
+    plan) resolves a file-backed dataset without its files. ``teacher`` is ``--checkpoint
+    flow-matching=DIR`` except that it never narrows the methods."""
     from dataclasses import replace
 
     from bench.config import ConfigError, apply_sweep_yaml, parse_nfe, read_sweep_yaml
@@ -173,6 +176,12 @@ def _resolve_config(
         else:  # rows named by a loader join the named methods
             extra = tuple(n for n, spec in given.items() if is_loader_spec(spec) and n not in cfg.methods)
             cfg = replace(cfg, methods=cfg.methods + extra)
+    if teacher is not None:
+        from bench.sweep import TEACHER
+
+        if TEACHER in _parse_checkpoints(checkpoints or []):
+            raise UserError(f"--teacher and --checkpoint {TEACHER}=... both name the teacher; give one")
+        cfg = replace(cfg, checkpoints={**cfg.checkpoints, TEACHER: str(teacher)})
     cfg = _apply_shortcuts(cfg, shortcuts or {})
     loaders = {n for n, spec in cfg.checkpoints.items() if is_loader_spec(spec)}
     for name in [*cfg.methods, *cfg.method_options, *cfg.train_overrides, *cfg.checkpoints]:
@@ -239,6 +248,7 @@ def sweep(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     inception_weights: Annotated[Optional[Path], typer.Option(help="clean-fid's inception-2015-12-05.pt (or its folder) for FID on RGB data; default ~/.cache/f2d2-bench/.")] = None,
     checkpoint: Annotated[Optional[list[str]], typer.Option(help="METHOD=PATH: evaluate this trained checkpoint instead of training; NAME=package.module:loader: evaluate the FlowMap your function returns under row NAME (repeatable).")] = None,
+    teacher: Annotated[Optional[Path], typer.Option(help="A flow-matching checkpoint (e.g. from `f2d2-bench import torchcfm`) used as the teacher: --checkpoint flow-matching=DIR that keeps the methods to train.")] = None,
     metrics: Annotated[Optional[str], typer.Option(help="Comma-separated metric groups: nll, calibration, quality, timing, mass, guidance (default: all the dataset supports).")] = None,
     num_test: Annotated[Optional[int], typer.Option(help="Test points for likelihoods (eval.num_test).")] = None,
     num_samples: Annotated[Optional[int], typer.Option(help="Samples for sample quality (eval.num_samples).")] = None,
@@ -254,7 +264,8 @@ def sweep(
     try:
         out = _check_options(jobs, out, cache_dir)
         shortcuts = {"metrics": metrics, "num_test": num_test, "num_samples": num_samples, "steps": steps}
-        cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir, shortcuts, need_files=not dry_run)
+        cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir, shortcuts,
+                              need_files=not dry_run, teacher=teacher)
         if dry_run:
             text = _plan_text(cfg, out, cache_dir, data_dir, quiet)
             typer.echo(text, nl=False)
@@ -676,6 +687,10 @@ def main() -> None:
         raise SystemExit(_say_stopped(_STOP_SIGNALS[0]))
     raise SystemExit(status if isinstance(status, int) else 0)
 
+
+from bench import cli_import  # noqa: E402 - its commands use the helpers above
+
+cli_import.register(app, sys.modules[__name__])
 
 if __name__ == "__main__":
     main()

@@ -24,16 +24,22 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Network architecture. 'mlp' for 2D data; 'unet' or 'ddpmpp' (the authors' DDPM++, see
-    f2d2/ddpmpp.py) for images (see bench/images.py).
+    """Network architecture: 'mlp' for 2D data; 'unet' or 'ddpmpp' (the authors' DDPM++, see
+    f2d2/ddpmpp.py) for images (see bench/images.py); 'adm' for OpenAI's ADM UNet as TorchCFM ships
+    it (an instantaneous field for flow matching, e.g. an imported TorchCFM teacher; f2d2/adm.py);
+    or a user network "package.module:factory" (see bench/models.py and the protocol in f2d2/model.py).
 
     Attributes:
         hidden, depth: MLP width and number of hidden layers.
         x_frequencies, x_scale: Fourier features sin/cos(2^k pi x / x_scale) of the input, k < x_frequencies.
         t_frequencies: Fourier features sin/cos(2^k pi t) of t and of s - t, k < t_frequencies.
-        channels, channel_mult, num_res_blocks, div_pool: UNet and DDPM++ options (images only).
-        attn_resolutions, dropout: DDPM++ only: image heights whose blocks use self-attention, and
-            the dropout probability inside each residual block.
+        channels, channel_mult, num_res_blocks, div_pool: UNet, DDPM++ and ADM widths and depth
+            (div_pool: the divergence head's pooling, UNet and DDPM++).
+        attn_resolutions, dropout: DDPM++ and ADM: image sizes whose blocks use self-attention
+            (e.g. (16,) for 32 x 32 images), and the dropout probability inside each residual block.
+        num_heads, num_head_channels: ADM's attention heads (TorchCFM's CIFAR-10 values: heads of
+            64 channels).
+        arch_options: extra keyword arguments of a user factory (JSON-like values).
     """
 
     arch: str = "mlp"
@@ -48,8 +54,14 @@ class ModelConfig:
     div_pool: str = "mlp"
     attn_resolutions: tuple[int, ...] = ()
     dropout: float = 0.0
+    num_heads: int = 4
+    num_head_channels: int = 64
+    arch_options: dict[str, Any] = field(default_factory=dict)
 
-    KEY_OMITS_DEFAULT: typing.ClassVar[tuple[str, ...]] = ("attn_resolutions", "dropout")
+    # Added after checkpoints existed: left out of cache keys while at their default.
+    KEY_OMITS_DEFAULT: typing.ClassVar[tuple[str, ...]] = (
+        "attn_resolutions", "dropout", "num_heads", "num_head_channels", "arch_options",
+    )
 
 
 @dataclass(frozen=True)

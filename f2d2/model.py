@@ -1,9 +1,29 @@
-"""The flow-map model interface shared by every method.
+"""The flow-map model interface shared by every method, and the protocol a network must follow.
 
 A method's network maps (x, t, s) to the average velocity u(x, t, s) over [t, s] and, for F2D2
 variants, to a scalar divergence head D(x, t, s). :class:`FlowMap` wraps such a network with the
 metadata needed to turn its outputs into densities: the divergence scale kappa and the prior scale
 sigma_0 (arXiv:2512.02636, Sec. 3).
+
+The network protocol (what a user-defined network must satisfy; :func:`check_flow_map_net` checks
+it on a probe batch, and the harness runs that check whenever it builds or loads a user network,
+``model.arch: "package.module:factory"``, see bench/models.py):
+
+- It is a ``torch.nn.Module`` (subclassing :class:`FlowMapNet` is recommended, not required) with
+  ``data_shape: tuple[int, ...]``, the shape of one sample, equal to the dataset's (e.g. (2,) or
+  (3, 32, 32)), and ``has_div_head: bool``, True exactly when a divergence head was asked for.
+- ``forward(x, t, s)`` takes x of shape (B, *data_shape) and times t, s of shape (B,), in x's dtype
+  and on its device, and returns ``FlowMapOutput(u, div)``: u of shape (B, *data_shape) and x's
+  dtype, the average velocity over [t, s], so that Phi(x, t, s) = x + (s - t) u and u(x, t, t) is
+  the instantaneous velocity v(x, t); div of shape (B,) (never (B, 1)) is D(x, t, s) in units of
+  kappa, (s - t) kappa D(x, t, s) = int_t^s div v(x_tau, tau) dtau, or None without a head.
+  s may be below t (backward maps) or equal to it.
+- Samples never interact: output b depends on x[b], t[b], s[b] only (no BatchNorm or other batch
+  statistics, no mixing across the batch), so per-sample Jacobians and divergences are defined.
+- It is differentiable in x, t and s under ``torch.func`` (vjp, jvp, vmap): divergences use
+  vmap-of-vjp, MeanFlow and LSD a jvp (no in-place writes to inputs, no ``.item()`` branching).
+- Optional ``uses_step: bool`` (default True): False declares an instantaneous field v(x, t) that
+  ignores s; only methods without a flow map (flow matching) can use such a network.
 """
 
 from __future__ import annotations
@@ -55,10 +75,12 @@ class FlowMapNet(nn.Module):
     Attributes:
         data_shape: shape of one sample, e.g. (2,) or (1, 8, 8).
         has_div_head: whether ``forward`` returns a divergence head.
+        uses_step: False for an instantaneous field v(x, t) that ignores s (see the module docstring).
     """
 
     data_shape: tuple[int, ...]
     has_div_head: bool
+    uses_step: bool = True
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor) -> FlowMapOutput:  # pragma: no cover
         raise NotImplementedError
@@ -149,3 +171,82 @@ class FlowMap(nn.Module):
         x = torch.randn((num, *self.data_shape), generator=generator, **kwargs)
         return self.sigma_0 * x
 
+
+
+class ProtocolError(ValueError):
+    """A network does not follow the flow-map network protocol (see the module docstring)."""
+
+
+PROBE_BATCH = 3  # samples in the probe batch of :func:`check_flow_map_net`
+PROBE_RTOL = 1e-4  # a sample alone vs in a batch: float32 kernels differ by ~1e-6 relative with
+PROBE_ATOL = 1e-5  # the batch size (different blocking), batch-mixing bugs by O(1)
+BATCH_STATISTICS = (nn.modules.batchnorm._BatchNorm,)  # normalise over the batch in training
+
+
+def check_flow_map_net(net: object, data_shape: tuple[int, ...], div_head: bool) -> None:
+    """Check ``net`` against the protocol on a seeded probe batch; raise :class:`ProtocolError`
+    naming the first violation. The probe runs in eval mode without gradients and leaves the
+    network's mode and the global random state as they were."""
+    data_shape = tuple(int(n) for n in data_shape)
+    if not isinstance(net, nn.Module):
+        raise ProtocolError(f"the factory returned {type(net).__name__}, not a torch.nn.Module")
+    if not hasattr(net, "data_shape") or not hasattr(net, "has_div_head"):
+        raise ProtocolError("the network needs attributes data_shape (one sample's shape) and has_div_head (bool)")
+    if tuple(net.data_shape) != data_shape:
+        raise ProtocolError(f"network data_shape {tuple(net.data_shape)} does not match the data's {data_shape}")
+    if not isinstance(net.has_div_head, bool):
+        raise ProtocolError(f"has_div_head must be a bool, got {net.has_div_head!r}")
+    if net.has_div_head is not div_head:
+        reason = "the method needs one" if div_head else "the method trains none (its parameters would never learn)"
+        raise ProtocolError(f"has_div_head is {net.has_div_head!r} but div_head={div_head} was asked: {reason}")
+    for module in net.modules():
+        if isinstance(module, BATCH_STATISTICS):
+            raise ProtocolError(f"{type(module).__name__} normalises over the batch: samples must not interact (use GroupNorm)")
+    _probe(net, data_shape, div_head)
+
+
+def _probe(net: nn.Module, data_shape: tuple[int, ...], div_head: bool) -> None:
+    """One batched call against one call per sample, with shape, dtype and finiteness checks."""
+    param = next(iter(net.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.get_default_dtype()
+    device = param.device if param is not None else torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((PROBE_BATCH, *data_shape), generator=gen, dtype=dtype).to(device)
+    t, s = torch.rand(2, PROBE_BATCH, generator=gen, dtype=dtype).to(device)
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = _call(net, x, t, s, div_head)
+            for b in range(PROBE_BATCH):
+                alone = _call(net, x[b : b + 1], t[b : b + 1], s[b : b + 1], div_head)
+                pairs = [(alone.u[0], out.u[b])] + ([(alone.div[0], out.div[b])] if div_head else [])
+                scale = float(out.u.abs().max().clamp_min(1.0))
+                if not all(torch.allclose(a, c, rtol=PROBE_RTOL, atol=PROBE_ATOL * scale) for a, c in pairs):
+                    raise ProtocolError(
+                        f"samples interact: sample {b} alone gives another output than in a batch of {PROBE_BATCH}"
+                    )
+    finally:
+        net.train(was_training)
+
+
+def _call(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, div_head: bool) -> FlowMapOutput:
+    batch = x.shape[0]
+    try:
+        out = net(x, t, s)
+    except Exception as err:  # noqa: BLE001 - any failure of user code is reported as the violation
+        raise ProtocolError(f"forward(x, t, s) with x {tuple(x.shape)}, t and s ({batch},) raised {type(err).__name__}: {err}") from None
+    if not isinstance(out, FlowMapOutput):
+        raise ProtocolError(f"forward must return f2d2.model.FlowMapOutput(u, div), got {type(out).__name__}")
+    if not isinstance(out.u, Tensor) or out.u.shape != x.shape or out.u.dtype != x.dtype:
+        got = f"{tuple(out.u.shape)} {out.u.dtype}" if isinstance(out.u, Tensor) else type(out.u).__name__
+        raise ProtocolError(f"u must have x's shape {tuple(x.shape)} and dtype {x.dtype}, got {got}")
+    if div_head:
+        if not isinstance(out.div, Tensor) or out.div.shape != (batch,):
+            got = tuple(out.div.shape) if isinstance(out.div, Tensor) else out.div
+            raise ProtocolError(f"div must have shape (B,) = ({batch},), got {got}")
+    elif out.div is not None:
+        raise ProtocolError("div must be None for a network without a divergence head (has_div_head False)")
+    if not torch.isfinite(out.u).all() or (div_head and not torch.isfinite(out.div).all()):
+        raise ProtocolError("forward returned non-finite values on a standard-normal probe batch")
+    return out
