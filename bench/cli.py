@@ -330,14 +330,25 @@ def plan(
     tflops: Annotated[float, typer.Option(help="Device peak throughput in TFLOP/s (default: A100 dense TF32).")] = PLAN_TFLOPS,
     mfu: Annotated[float, typer.Option(help="Assumed model FLOP utilisation, in (0, 1].")] = PLAN_MFU,
     dopri5_nfe: Annotated[int, typer.Option(help="Assumed network evaluations per dopri5 reference solve.")] = PLAN_DOPRI5_NFE,
+    output: Annotated[Optional[Path], typer.Option(help="Also write the plan to this file (atomically).")] = None,
 ) -> None:
     """Print what a sweep with these options would train or reuse and what it would cost (FLOPs,
-    disk, GPU-hours), without data files, weights or a GPU; nothing is run or written."""
+    disk, GPU-hours), without data files, weights or a GPU; nothing is run or written (but --output)."""
     try:
         out = _check_options(jobs, out, cache_dir)
+        if output is not None:
+            from bench.sweep import check_writable
+
+            if output.is_dir():
+                raise UserError(f"--output {output} is a directory; give a file name")
+            check_writable(output.parent, "--output directory")
         shortcuts = {"metrics": metrics, "num_test": num_test, "num_samples": num_samples, "steps": steps}
         cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir, shortcuts, need_files=False)
         text = _plan_text(cfg, out, cache_dir, data_dir, quiet, tflops, mfu, dopri5_nfe)
+        if output is not None:
+            from bench.io import write_text
+
+            write_text(output, text)
     except (*_user_errors(), ValueError) as err:
         _fail(str(err))
     except KeyboardInterrupt as err:

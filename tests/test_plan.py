@@ -174,3 +174,12 @@ def test_the_boundary_values_are_accepted(tmp_path):
     result = run("plan", "--profile", "ci", "--config", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path),
                  "--mfu", "1", "--dopri5-nfe", "1", "--quiet")
     assert result.exit_code == 0 and "x MFU 1 (--mfu" in result.output and "x 1 NFE (dopri5, 1 assumed)" in result.output
+
+
+def test_plan_output_file_holds_what_it_prints_and_bad_paths_are_one_error_line(tmp_path):
+    target = tmp_path / "plans" / "cifar10.md"
+    result = CliRunner().invoke(app, ["plan", "--dataset", "cifar10", "--quiet", "--output", str(target)])
+    assert result.exit_code == 0, result.output
+    assert target.read_text() == result.stdout
+    bad = CliRunner().invoke(app, ["plan", "--dataset", "cifar10", "--quiet", "--output", str(tmp_path)])
+    assert bad.exit_code == 2 and "is a directory" in bad.stderr and len(bad.stderr.splitlines()) == 1
