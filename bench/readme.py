@@ -106,18 +106,52 @@ def density_table(figures: Path, root: Path) -> str:
     ])
 
 
+CALIB = ("calib_mae_{unit}", "calib_spearman", "calib_within")
+
+
 def calibration_table(frame: pd.DataFrame) -> str:
-    """calib MAE / Spearman / share within tolerance per method and NFE."""
+    """calib MAE / Spearman / share within tolerance per method and NFE, and the floor a perfect
+    estimator would score against the method's reference (the same at every NFE)."""
     unit = unit_of(frame)
     cells = lookup(frame)
     body = []
     for method in methods_of(frame):
         row = [method]
         for k in NFE:
-            parts = [cells.get((method, k, m)) for m in (f"calib_mae_{unit}", "calib_spearman", "calib_within")]
+            parts = [cells.get((method, k, m.format(unit=unit))) for m in CALIB]
             row.append(" / ".join(fmt(p, 3, stderr=False) for p in parts) if parts[0] else "-")
+        floor = [cells.get((method, NFE[0], m.format(unit=unit).replace("calib_", "calib_floor_", 1))) for m in CALIB]
+        row.append(" / ".join(fmt(p, 3, stderr=False) for p in floor) if floor[0] else "-")
         body.append(row)
-    return markdown(["method"] + [f"NFE {k}: MAE / Spearman / within" for k in NFE], body)
+    return markdown(["method"] + [f"NFE {k}: MAE / Spearman / within" for k in NFE] + ["floor: MAE / Spearman / within"], body)
+
+
+def decomposition_table(frame: pd.DataFrame) -> str:
+    """Per method and NFE: the gap to the own reference = where the map lands + what the head adds."""
+    unit = unit_of(frame)
+    cells = lookup(frame)
+    body = []
+    for method in methods_of(frame):
+        row = [method]
+        for k in NFE:
+            gap, part_map, part_head = (cells.get((method, k, f"{m}_{unit}")) for m in ("nll_gap", "nll_gap_map", "nll_gap_head"))
+            row.append("-" if gap is None or part_map is None else f"{gap.value:+.3f} = {part_map.value:+.3f} {part_head.value:+.3f}")
+        body.append(row)
+    return markdown(["method"] + [f"NFE {k}: gap = map + head" for k in NFE], body)
+
+
+def mass_table(frame: pd.DataFrame) -> str:
+    """Total mass of every method's few-step density per NFE (value ± standard error; ESS for importance sampling)."""
+    cells = lookup(frame)
+    body = []
+    for method in methods_of(frame):
+        row = [method]
+        for k in NFE:
+            cell = cells.get((method, k, "mass"))
+            ess = cell.estimator.split("ESS=")[1].split(",")[0] if cell and "ESS=" in cell.estimator else None
+            row.append("-" if cell is None else fmt(cell, 3) + (f" (ESS {ess})" if ess else ""))
+        body.append(row)
+    return markdown(["method"] + [f"mass @{k}" for k in NFE], body)
 
 
 def guidance_summary(frame: pd.DataFrame, quality: str) -> str:
@@ -202,6 +236,11 @@ COMMANDS: dict[str, list[str]] = {
         "f2d2-bench sweep --config results/when_to_stop/sweep.yaml --out results/when_to_stop/best --cache-dir results/checkpoints",
         "f2d2-bench sweep --config results/when_to_stop/sweep_last.yaml --out results/when_to_stop/last --cache-dir results/checkpoints",
     ],
+    "reference-accuracy": [
+        "f2d2-bench reference-accuracy --dataset digits --rtol 1e-5,1e-6,1e-7,1e-9 --estimator exact,hutchinson:2 "
+        "--cache-dir results/checkpoints --out results/reference_accuracy",
+    ],
+    "plan": ["f2d2-bench plan --dataset cifar10 --profile paper --quiet --output results/plan/cifar10-paper.md"],
     "benchmarks": ["make bench"],
     "ci": ["f2d2-bench sweep --profile ci --out results/ci --jobs 1"],
 }
@@ -238,13 +277,27 @@ def _all_methods_block(
     for name, caption in [("paper.md", " (the paper's Table layout; `paper.tex` is the same in LaTeX)"), *((t, "") for t in tables)]:
         if (sweep_dir / name).exists():
             parts += [f"`{_rel(sweep_dir / name, root)}`{caption}:", (sweep_dir / name).read_text().strip()]
+    unit = unit_of(frame)
     parts += [
         f"Per-point calibration of every method against {reference} (`{_rel(sweep_dir / 'results.csv', root)}`; "
-        f"{mae_unit}, Spearman rank correlation, share of points within {tolerance}):",
+        f"{mae_unit}, Spearman rank correlation, share of points within {tolerance}; the floor is what a perfect "
+        "estimator would score against that reference):",
         calibration_table(frame),
-        *extra,
-        f"The full wide table with timings: `{_rel(sweep_dir / 'results.md', root)}`.",
     ]
+    if frame["metric"].eq(f"nll_gap_map_{unit}").any():
+        parts += [
+            f"Where each gap comes from ({unit}): the few-step NLL minus the own exact NLL = the part due to where "
+            "the few-step map lands (-(log p_0 of its endpoint - log p_0 of the exact endpoint)) + the part due to "
+            "the divergence head (its accumulated divergence minus the exact one), paired per point:",
+            decomposition_table(frame),
+        ]
+    if frame["metric"].eq("mass").any() and unit == "bpd":
+        parts += [
+            "Total mass of every few-step density (1 for a normalised density; importance sampling with the model's "
+            "exact-ODE density as proposal, value ± standard error, effective sample size in brackets):",
+            mass_table(frame),
+        ]
+    parts += [*extra, f"The full wide table with timings: `{_rel(sweep_dir / 'results.md', root)}`."]
     return _block(title, commands, parts)
 
 
@@ -319,6 +372,20 @@ def render(root: Path = ROOT) -> str:
                 stop_table(best, stop / "last" / "checkerboard"),
                 f"Curves: `{_rel(best / 'figures' / 'training_meanflow-f2d2.png', root)}`.",
             ],
+        ))
+
+    accuracy = results / "reference_accuracy" / "digits.md"
+    if accuracy.exists():
+        blocks.append(_block(
+            "Reference accuracy on digits (how the digits reference is chosen)", COMMANDS["reference-accuracy"],
+            [_table_body(accuracy)],
+        ))
+
+    plan_file = results / "plan" / "cifar10-paper.md"
+    if plan_file.exists():
+        blocks.append(_block(
+            "Cost plan: CIFAR-10 with the paper profile (nothing of it was run here)", COMMANDS["plan"],
+            [f"`{_rel(plan_file, root)}`:", "```\n" + plan_file.read_text().strip() + "\n```"],
         ))
 
     run_id, bench = benchmark_table(results / "benchmarks")
