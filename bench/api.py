@@ -91,6 +91,9 @@ def evaluate(
         context: a prepared :class:`EvalContext` (from :func:`prepare`); then dataset, teacher,
             eval and metrics come from it.
         per_point: if given, filled with per-point NLLs in nats ('ref', 'nfe<K>'), for figures.
+
+    The model is moved to the evaluation device and put in eval mode (in place, as ``nn.Module.to``
+    does). Under torchrun every rank must call this together: batches are sharded (bench/shards.py).
     """
     from bench.config import validate_nfe
     from bench.tables import rows_frame

@@ -73,7 +73,9 @@ DEFAULT_RULES = (
     Rule("energy_distance", worse="higher", abs=0.01),
     Rule("support_share", worse="lower", abs=0.02),
     Rule("fd_*", worse="higher", rel=0.10),
-    Rule("fid", worse="higher", rel=0.10),
+    Rule("fid*", worse="higher", rel=0.10),
+    Rule("kid*", worse="higher", rel=0.10),
+    Rule("calib_floor_*", worse="both", abs=0.05, gate=False),  # the reference's noise, not the estimator's quality
     Rule("calib_mae_*", worse="higher", abs=0.05),
     Rule("calib_*", worse="lower", abs=0.05),
     Rule("*", worse="both", rel=0.10),

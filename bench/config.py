@@ -63,6 +63,19 @@ class ModelConfig:
         "attn_resolutions", "dropout", "num_heads", "num_head_channels", "arch_options",
     )
 
+    def __post_init__(self) -> None:
+        for name in ("hidden", "depth", "channels", "num_res_blocks", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+            raise ConfigError(f"model.channel_mult must be a non-empty list of integers >= 1, got {list(self.channel_mult)}")
+        if self.x_frequencies < 0 or self.t_frequencies < 0 or self.x_scale <= 0:
+            raise ConfigError("model.x_frequencies and model.t_frequencies must be >= 0 and model.x_scale > 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
+        if self.num_head_channels < 1 and self.num_head_channels != -1:
+            raise ConfigError(f"model.num_head_channels must be >= 1 (or -1: num_heads heads), got {self.num_head_channels}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -105,11 +118,17 @@ class TrainConfig:
             raise ConfigError(f"train.select {self.select!r} needs train.validate_every > 0")
         if self.lr <= 0 or not 0 <= self.ema_decay < 1:
             raise ConfigError(f"need train.lr > 0 and 0 <= train.ema_decay < 1, got {self.lr}, {self.ema_decay}")
+        if self.steps > MAX_TRAIN_STEPS or self.batch_size > MAX_POINTS:
+            raise ConfigError(f"train.steps must be at most {MAX_TRAIN_STEPS:,} and train.batch_size at most {MAX_POINTS:,}")
+        if self.grad_clip <= 0:  # 0 would clip every gradient to nothing: training that silently never moves
+            raise ConfigError(f"train.grad_clip must be > 0, got {self.grad_clip}")
 
 
 MAX_NFE = 4096  # network evaluations per few-step estimate: 4x the paper's 1024-step reference
 MAX_POINTS = 10_000_000  # test points / samples / repeats: a sanity bound, far above CIFAR-10's 50,000
 MAX_GUIDANCE_STEPS = 1000
+MAX_EULER_STEPS = 100_000  # a fixed-step reference: ~100x the paper's 1024
+MAX_TRAIN_STEPS = 100_000_000  # optimizer steps of one model: far beyond the authors' longest run
 MAX_FID_SEEDS = 100  # disjoint seed ranges of the sample-quality metrics (EDM reports the minimum of 3)
 
 # Metric groups a sweep can compute (eval.metrics / --metrics). What each group writes:
@@ -168,13 +187,16 @@ class EvalConfig:
         metrics: the metric groups to compute (see :data:`METRIC_GROUPS`); empty: every group the
             dataset supports ('guidance' only when guidance_etas are set).
         num_mass: samples of the importance-sampled total mass of a few-step density (images).
+        mass_estimator: divergence estimator of the mass's proposal density (the exact ODE from
+            prior noise): 'exact' (default) or 'hutchinson:P', whose Monte-Carlo noise in log q
+            biases the importance weights upwards (Jensen), so it is reported as biased.
         fid_seeds: image sample quality (FID, KID, FD) on this many disjoint seed ranges of
             num_samples samples each (repeat r uses per-sample seeds r num_samples ... (r + 1)
             num_samples - 1); with more than one, rows M_mean, M_std and M_min join the first
             range's M (see bench/fid.py). 1: one range, no extra rows.
     """
 
-    KEY_OMITS_DEFAULT: typing.ClassVar[tuple[str, ...]] = ("metrics", "num_mass", "fid_seeds")
+    KEY_OMITS_DEFAULT: typing.ClassVar[tuple[str, ...]] = ("metrics", "num_mass", "fid_seeds", "mass_estimator")
 
     num_test: int = 2000
     num_samples: int = 2000
@@ -196,6 +218,7 @@ class EvalConfig:
     metrics: tuple[str, ...] = ()
     num_mass: int = 1000
     fid_seeds: int = 1
+    mass_estimator: str = "exact"
 
     def __post_init__(self) -> None:
         if not all(math.isfinite(eta) and eta > 0 for eta in self.guidance_etas):
@@ -218,11 +241,26 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name} must lie in [1, {MAX_POINTS:,}], got {getattr(self, name)}")
         if self.backward not in ("auto", "first_order", "trained"):
             raise ConfigError(f"eval.backward must be auto, first_order or trained, got {self.backward!r}")
-        for name in ("reference_estimator", "naive_estimator"):
+        if self.num_mass < 2:
+            raise ConfigError(f"eval.num_mass must be >= 2 (a mean and its standard error), got {self.num_mass}")
+        if not (0 < self.rtol < 1 and 0 < self.atol < 1):
+            raise ConfigError(f"eval.rtol and eval.atol must lie in (0, 1), got {self.rtol}, {self.atol}")
+        self._check_solver()
+        for name in ("reference_estimator", "naive_estimator", "mass_estimator"):
             try:
                 parse_estimator(getattr(self, name))
             except ValueError as err:
                 raise ConfigError(f"eval.{name}: {err}") from None
+
+    def _check_solver(self) -> None:
+        from f2d2.likelihood import Solver
+
+        try:
+            steps = Solver.parse(self.reference_solver).num_steps
+        except ValueError as err:
+            raise ConfigError(f"eval.reference_solver: {err}") from None
+        if steps is not None and steps > MAX_EULER_STEPS:
+            raise ConfigError(f"eval.reference_solver: at most {MAX_EULER_STEPS} Euler steps, got {steps}")
 
 
 @dataclass(frozen=True)

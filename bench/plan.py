@@ -238,43 +238,78 @@ def num_vjps(spec: str, dims: int) -> int:
 
 
 def evaluation_items(cfg: SweepConfig, dataset, nets: dict, dopri5_nfe: int, teacher: str) -> tuple[list[EvalItem], list[str]]:
-    """Evaluation FLOPs by item, and what is not counted."""
+    """Evaluation FLOPs by item for the metric groups the sweep computes, and what is not counted."""
+    from bench.config import measured_groups
+
+    groups = measured_groups(cfg.eval)
+    items = _likelihood_items(cfg, dataset, nets, dopri5_nfe, teacher, groups)
+    items += _sample_items(cfg, dataset, nets, teacher, groups)
+    if "mass" in groups:
+        items.append(_mass_item(cfg, dataset, nets, dopri5_nfe))
+    notes = []
+    if len(dataset.data_shape) == 3 and dataset.levels and "quality" in groups and not _inception(dataset):
+        notes.append("the classifier features of the Frechet distance (a small CNN) are not counted")
+    if "guidance" in groups:
+        notes.append("self-guidance (eval.guidance_etas) is not counted")
+    if any(cfg.train_for(m).validate_every for m in cfg.methods) or cfg.teacher_train.validate_every:
+        notes.append("validation during training (train.validate_every) is not counted")
+    return items, notes
+
+
+def _inception(dataset) -> bool:
     from bench.fid import uses_inception
 
+    return uses_inception(dataset)
+
+
+def _reference_nfe(ev, dopri5_nfe: int) -> tuple[int, str]:
+    steps = Solver.parse(ev.reference_solver).num_steps
+    return (steps, ev.reference_solver) if steps else (dopri5_nfe, f"dopri5, {dopri5_nfe} assumed")
+
+
+def _likelihood_items(cfg: SweepConfig, dataset, nets: dict, dopri5_nfe: int, teacher: str, groups) -> list[EvalItem]:
+    """Reference solves and few-step NLLs (groups nll, calibration, timing; repeats only with timing)."""
+    if not groups & {"nll", "calibration", "timing"}:
+        return []
     ev, dims = cfg.eval, math.prod(dataset.data_shape)
     n_test = min(ev.num_test, getattr(dataset, "num_test_images", None) or ev.num_test)
-    n, runs, num_k = ev.num_samples, ev.num_repeats + 1, sum(cfg.nfe)
-    images = len(dataset.data_shape) == 3 and bool(dataset.levels)
-    seeds = ev.fid_seeds if images else 1
-    nfe_ref = Solver.parse(ev.reference_solver).num_steps
-    solver = f"{ev.reference_solver}" if nfe_ref else f"dopri5, {dopri5_nfe} assumed"
-    nfe_ref = nfe_ref or dopri5_nfe
+    runs, num_k = (ev.num_repeats + 1 if "timing" in groups else 1), sum(cfg.nfe)
+    nfe_ref, solver = _reference_nfe(ev, dopri5_nfe)
     evaluated = list(dict.fromkeys([teacher, *cfg.methods]))
     ref_vjps, naive_vjps = num_vjps(ev.reference_estimator, dims), num_vjps(ev.naive_estimator, dims)
     ref = sum((n_test + WARMUP_POINTS) * nfe_ref * (nets[m][0].forward + ref_vjps * nets[m][0].vjp) for m in evaluated)
-    few, sampled = 0, 0
+    few = 0
     for m in cfg.methods:
         cost, caps = nets[m]
         if caps.divergence_head:
-            passes = 2 if caps.backward and ev.backward != "first_order" else 1  # + the first-order rows
+            passes = 2 if caps.backward and ev.backward != "first_order" and "nll" in groups else 1  # + first-order rows
             few += num_k * cost.forward * n_test * runs * passes
         else:
             few += num_k * (cost.forward + naive_vjps * cost.vjp) * n_test * runs
-        sampled += num_k * cost.forward * n * (runs + seeds - 1)
-    cells = len(cfg.methods) * len(cfg.nfe)
-    if teacher in cfg.methods and ev.teacher_steps:
-        sampled += ev.teacher_steps * nets[teacher][0].forward * n * (runs + seeds - 1)
-        cells += 1
-    items = [
+    return [
         EvalItem(f"reference solves: {len(evaluated)} models x ({n_test} + {WARMUP_POINTS} warm-up) points x {nfe_ref} NFE "
                  f"({solver}) x (1 forward + {ref_vjps} VJP(s), {ev.reference_estimator})", ref),
         EvalItem(f"few-step NLLs: {len(cfg.methods)} methods x NFE {','.join(map(str, cfg.nfe))} x {n_test} points x "
-                 f"{runs} runs ({ev.num_repeats} timed + warm-up); naive: + {naive_vjps} VJP(s) per step", few),
-        EvalItem(f"samples: {n} per cell x NFE x ({runs} runs ({ev.num_repeats} timed + warm-up) + {seeds - 1} extra seed "
-                 "range(s))", sampled),
+                 f"{runs} run(s); naive: + {naive_vjps} VJP(s) per step", few),
     ]
-    notes = []
-    if uses_inception(dataset):
+
+
+def _sample_items(cfg: SweepConfig, dataset, nets: dict, teacher: str, groups) -> list[EvalItem]:
+    """Samples (groups quality, timing) and, for FID, Inception features and KID (group quality)."""
+    if not groups & {"quality", "timing"}:
+        return []
+    ev = cfg.eval
+    n, num_k = ev.num_samples, sum(cfg.nfe)
+    images = len(dataset.data_shape) == 3 and bool(dataset.levels)
+    seeds = ev.fid_seeds if images and "quality" in groups else 1
+    runs = ev.num_repeats + 1 if "timing" in groups else 1
+    sampled = sum(num_k * nets[m][0].forward * n * (runs + seeds - 1) for m in cfg.methods)
+    cells = len(cfg.methods) * len(cfg.nfe)
+    if teacher in cfg.methods and ev.teacher_steps and "quality" in groups:
+        sampled += ev.teacher_steps * nets[teacher][0].forward * n * (runs + seeds - 1)
+        cells += 1
+    items = [EvalItem(f"samples: {n} per cell x NFE x ({runs} run(s) + {seeds - 1} extra seed range(s))", sampled)]
+    if _inception(dataset) and "quality" in groups:
         num_train = getattr(dataset, "num_train_images", None) or n
         floor = min(n, getattr(dataset, "num_test_images", None) or n)
         images_scored = cells * seeds * n + num_train + floor
@@ -285,13 +320,30 @@ def evaluation_items(cfg: SweepConfig, dataset, nets: dict, dopri5_nfe: int, tea
         kid_runs = cells * seeds + 1
         items.append(EvalItem(f"KID: {kid_runs} x {KID_SUBSETS} subsets x 3 Gram matrices of {m} x {m} x {FEATURE_DIM}",
                               kid_runs * KID_SUBSETS * 3 * 2 * m * m * FEATURE_DIM))
-    elif images:
-        notes.append("the classifier features of the Frechet distance (a small CNN) are not counted")
-    if ev.guidance_etas:
-        notes.append("self-guidance (eval.guidance_etas) is not counted")
-    if any(cfg.train_for(m).validate_every for m in cfg.methods) or cfg.teacher_train.validate_every:
-        notes.append("validation during training (train.validate_every) is not counted")
-    return items, notes
+    return items
+
+
+def _mass_item(cfg: SweepConfig, dataset, nets: dict, dopri5_nfe: int) -> EvalItem:
+    """The total mass of every few-step density: 2D grid quadrature (K-step likelihoods of the grid)
+    or, for images, the exact-ODE proposal (num_mass samples) and K-step likelihoods of it."""
+    from bench.mass import GRID_SIZE
+
+    ev, dims, num_k = cfg.eval, math.prod(dataset.data_shape), sum(cfg.nfe)
+    naive_vjps = num_vjps(ev.naive_estimator, dims)
+    if tuple(dataset.data_shape) == (2,):
+        points = GRID_SIZE**2
+        flops = sum(num_k * (nets[m][0].forward + (0 if nets[m][1].divergence_head else naive_vjps * nets[m][0].vjp)) * points
+                    for m in cfg.methods)
+        return EvalItem(f"mass: {len(cfg.methods)} methods x NFE x {points} grid points", flops)
+    nfe_ref, solver = _reference_nfe(ev, dopri5_nfe)
+    mass_vjps = num_vjps(ev.mass_estimator, dims)
+    flops = 0
+    for m in cfg.methods:
+        cost, caps = nets[m]
+        flops += ev.num_mass * nfe_ref * (cost.forward + mass_vjps * cost.vjp)
+        flops += num_k * ev.num_mass * (cost.forward + (0 if caps.divergence_head else naive_vjps * cost.vjp))
+    return EvalItem(f"mass: {len(cfg.methods)} methods x {ev.num_mass} exact-ODE proposal samples x {nfe_ref} NFE ({solver}) "
+                    f"x (1 forward + {mass_vjps} VJP(s), {ev.mass_estimator}) + their K-step likelihoods", flops)
 
 
 def make_plan(
@@ -302,7 +354,7 @@ def make_plan(
     from bench.datasets import dataset_class
     from bench.sweep import TEACHER, plan_jobs
 
-    if tflops <= 0 or not 0 < mfu <= 1 or dopri5_nfe < 1:
+    if not math.isfinite(tflops) or tflops <= 0 or not 0 < mfu <= 1 or dopri5_nfe < 1:
         raise ValueError(f"need --tflops > 0, 0 < --mfu <= 1 and --dopri5-nfe >= 1, got {tflops}, {mfu}, {dopri5_nfe}")
     dataset = dataset_class(cfg.dataset)
     kappa = cfg.kappa if cfg.kappa is not None else dataset.kappa

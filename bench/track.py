@@ -87,6 +87,8 @@ def run_check(
     new_path = results_file(new)
     new_frame = read_rows(str(new_path))
     base = baseline_from_history(history, new_path) if history is not None else baseline_from_file(baseline)
+    if base.frame.empty:  # a truncated or header-only baseline would let every row pass as 'new'
+        raise HistoryError(f"baseline {base.label} has no result rows")
     context = {"new": str(new_path), "baseline": base.label, "rules": str(rules) if rules else "default"}
     use_cross = False
     if cross_machine_rules is not None:

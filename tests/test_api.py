@@ -190,3 +190,73 @@ def test_a_bad_loader_is_one_error_line(spec, message, tmp_path):
     result = CliRunner().invoke(app, ["sweep", "--checkpoint", f"mine={spec}", "--out", str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_map_part_of_a_gap_is_where_the_few_step_map_lands_with_its_sign():
+    """nll_gap_map = -(log p_0(x_0 few-step) - log p_0(x_0 exact)), recomputed here from the two
+    endpoints: a sign or endpoint mix-up in the sweep's split fails (their sum alone cannot see it)."""
+    from f2d2.likelihood import Solver, few_step_log_prob, reference_log_prob
+
+    model = gaussian_flow_map(MEAN, STD, SIGMA_0, velocity_error=0.05)
+    frame = evaluate(model, metrics=["nll"])
+    x = Gaussian2D().test_set(SMALL["num_test"])
+    ref = reference_log_prob(model.velocity, x, prior_log_prob=model.prior_log_prob, solver=Solver("dopri5", 1e-8, 1e-8))
+    for k in (1, 2, 4):
+        few = few_step_log_prob(model, x, k)
+        expected = -(model.prior_log_prob(few.x0) - model.prior_log_prob(ref.x0)).mean().item()
+        assert row(frame, k, "nll_gap_map_nats").value == pytest.approx(expected, abs=1e-6)
+        assert abs(expected) > 1e-3
+
+
+class TinyImages(Dataset):
+    """Image-shaped data with 16 levels (so NLLs are in bits/dim): 1 x 2 x 2 'images' in [-1, 1]."""
+
+    name = "tiny-images"
+    data_shape = (1, 2, 2)
+    levels = 16
+    sigma_0 = 1.0
+    kappa = 1.0
+
+    def sample(self, num: int, generator: torch.Generator) -> torch.Tensor:
+        return (0.4 * torch.randn(num, 1, 2, 2, generator=generator, dtype=torch.float64)).clamp(-1, 1)
+
+
+IMAGE_EVAL = {"num_test": 300, "batch_size": 100, "num_repeats": 1, "num_mass": 64, "rtol": 1e-7, "atol": 1e-7}
+
+
+def test_image_mass_is_importance_sampled_from_the_exact_ode_density():
+    """Exact few-step density: every weight p_hat / q is 1, so the mass is 1 with zero spread; a
+    head error e on the log-density multiplies it by exp(e) (p_hat and q swapped would give exp(-e))."""
+    mean = torch.zeros(1, 2, 2, dtype=torch.float64)
+    exact = bench.evaluate(gaussian_flow_map(mean, 0.5, 1.0), dataset=TinyImages(), nfe=(1, 2), eval=IMAGE_EVAL, metrics=["mass"])
+    wrong = bench.evaluate(gaussian_flow_map(mean, 0.5, 1.0, div_error=-0.05), dataset=TinyImages(), nfe=(1, 2), eval=IMAGE_EVAL, metrics=["mass"])
+    for k in (1, 2):
+        got = row(exact, k, "mass")
+        assert got.value == pytest.approx(1.0, abs=1e-5) and got.stderr == pytest.approx(0.0, abs=1e-5)
+        assert "importance sampling" in got.estimator and "ESS=64.0" in got.estimator and got.num_points == 64
+        assert row(wrong, k, "mass").value == pytest.approx(math.exp(0.05 * (1 - 1 / k)), rel=1e-5)
+    biased = bench.evaluate(gaussian_flow_map(mean, 0.5, 1.0), dataset=TinyImages(), nfe=(1,),
+                            eval={**IMAGE_EVAL, "mass_estimator": "hutchinson:2"}, metrics=["mass"])
+    assert "BIASED" in row(biased, 1, "mass").estimator
+
+
+def test_calibration_floor_of_a_hutchinson_reference_in_bits_per_dim():
+    """The exact few-step likelihood of the sinh flow against a 2-probe reference: its calibration
+    error is all the reference's, and the floor (in bpd: nats / (D ln 2)) predicts it; with one
+    probe the floor is unknown (NaN), never a perfect 0 / 1."""
+    from bench.config import EvalConfig
+    from bench.measure import reference
+    from f2d2.analytic_sinh import sinh_flow_map
+
+    model = sinh_flow_map((1, 2, 2)).double()
+    cfg = {**IMAGE_EVAL, "reference_estimator": "hutchinson:2"}
+    frame = bench.evaluate(model, dataset=TinyImages(), nfe=(1,), eval=cfg, metrics=["calibration"])
+    x = TinyImages().test_set(300)
+    ref = reference(model, x, EvalConfig(**cfg), torch.device("cpu"))
+    scale = 1 / (4 * math.log(2))
+    floor = row(frame, 1, "calib_floor_mae_bpd").value
+    assert floor == pytest.approx(ref.mc_noise.abs().mean().item() * scale, rel=1e-9)
+    assert row(frame, 1, "calib_mae_bpd").value == pytest.approx(floor, rel=0.25)  # same error law, another draw
+    one = bench.evaluate(model, dataset=TinyImages(), nfe=(1,), eval={**IMAGE_EVAL, "reference_estimator": "hutchinson:1"},
+                         metrics=["calibration"])
+    assert math.isnan(row(one, 1, "calib_floor_mae_bpd").value) and "unknown with 1 probe" in row(one, 1, "calib_floor_within").estimator

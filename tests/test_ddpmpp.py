@@ -200,7 +200,7 @@ def test_configuration_errors_name_the_problem():
     with pytest.raises(ConfigError, match="divisible by 4"):
         build_net(ModelConfig(**{**vars(ok), "channel_mult": (1, 2, 2)}), (3, 6, 6), True)
     build_net(ModelConfig(**{**vars(ok), "channel_mult": (1, 2, 2)}), (3, 8, 8), True)
-    with pytest.raises(ConfigError, match="dropout must be in"):
+    with pytest.raises(ConfigError, match="dropout must lie in"):
         build_net(ModelConfig(**{**vars(ok), "dropout": 1.0}), shape, True)
     with pytest.raises(ConfigError, match="apply to arch 'ddpmpp' and 'adm' only"):
         build_net(ModelConfig(arch="unet", dropout=0.1), shape, True)

@@ -183,3 +183,15 @@ def test_plan_output_file_holds_what_it_prints_and_bad_paths_are_one_error_line(
     assert target.read_text() == result.stdout
     bad = CliRunner().invoke(app, ["plan", "--dataset", "cifar10", "--quiet", "--output", str(tmp_path)])
     assert bad.exit_code == 2 and "is a directory" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_the_plan_prices_only_the_selected_metric_groups():
+    runner = CliRunner()
+    full = runner.invoke(app, ["plan", "--dataset", "cifar10", "--methods", "flow-matching", "--quiet"])
+    nll = runner.invoke(app, ["plan", "--dataset", "cifar10", "--methods", "flow-matching", "--metrics", "nll", "--quiet"])
+    mass = runner.invoke(app, ["plan", "--dataset", "cifar10", "--methods", "flow-matching", "--metrics", "nll,mass", "--quiet"])
+    assert full.exit_code == nll.exit_code == mass.exit_code == 0, full.output + nll.output + mass.output
+    assert "Inception features" in full.stdout and "samples:" in full.stdout and "mass:" not in full.stdout  # profile default
+    assert "Inception features" not in nll.stdout and "samples:" not in nll.stdout and "KID" not in nll.stdout
+    assert "x 1 run(s)" in nll.stdout and "x 4 run(s)" in full.stdout  # repeats only time things
+    assert "mass: 1 methods x 1000 exact-ODE proposal samples" in mass.stdout and "3072 VJP(s), exact" in mass.stdout

@@ -11,9 +11,7 @@ import math
 import tarfile
 
 import numpy as np
-import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from bench.cli import app

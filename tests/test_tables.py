@@ -48,12 +48,12 @@ def paper_rows(with_quality: bool = True) -> list[tuple]:
             ("c-f2d2", k, "nll_gap_nats", -0.30, 0.01, "", "f2d2-trained"),
             ("b-f2d2", k, "nll_nats", 3.0, 0.001, "invalid", "f2d2-trained"),
             ("b-f2d2", k, "nll_gap_nats", 0.0, 0.001, "", "f2d2-trained"),
-            ("b-f2d2-fwd", k, "nll_nats", 3.4, 0.001, "", "f2d2-first_order"),
-            ("b-f2d2-fwd", k, "nll_gap_nats", 0.0, 0.001, "", "f2d2-first_order"),
+            ("lsd-f2d2-fwd", k, "nll_nats", 3.4, 0.001, "", "f2d2-first_order"),
+            ("lsd-f2d2-fwd", k, "nll_gap_nats", 0.0, 0.001, "", "f2d2-first_order"),
         ]
         if with_quality:
             rows += [(m, k, "energy_distance", v, 0.001, "", "") for m, v in
-                     (("flow-matching", 0.5), ("a-f2d2", 0.1), ("d-f2d2", 0.3), ("c-f2d2", 0.4), ("b-f2d2", 0.2), ("b-f2d2-fwd", 0.3))]
+                     (("flow-matching", 0.5), ("a-f2d2", 0.1), ("d-f2d2", 0.3), ("c-f2d2", 0.4), ("b-f2d2", 0.2), ("lsd-f2d2-fwd", 0.3))]
     return rows
 
 
@@ -66,7 +66,7 @@ def test_paper_table_ranks_the_paired_gap_and_never_an_optimistic_or_invalid_val
     assert "| c-f2d2 | 3.490 ‡ | 0.4000 |" in text  # nearest the teacher, but optimistic: marked, not ranked
     assert "| b-f2d2 | 3.000 † | <u>0.2000</u> |" in text
     assert "| flow-matching | 9.000 |" in text  # naive: shown, not ranked
-    assert "b-f2d2-fwd" not in text  # forward-only copies belong to the backward layout
+    assert "lsd-f2d2-fwd" not in text  # forward-only copies belong to the backward layout
     assert "Teacher's exact NLL 3.500" in text and "paired gap to the method's own exact-ODE NLL" in text
     latex = paper_table(frame(paper_rows()), "latex")
     assert r"\textbf{3.300}" in latex and r"\textcolor{gray}{3.000$^\dagger$}" in latex
@@ -123,3 +123,26 @@ def test_backward_and_guidance_layouts():
     assert "| m-f2d2+guided@0.1 | 0.15 | 2+1 | 0.15 | 3+1 |" in guide
     with pytest.raises(ValueError, match="markdown only"):
         render(frame(rows), "wide", "latex")
+
+
+def test_results_written_before_the_optimistic_rule_are_reflagged_from_their_gap_rows():
+    """An old results.csv has empty flags where the rule now applies: the paper layout recomputes
+    the flag from the paired gap row (3 se + 0.0139 nats on the checkerboard) and never ranks it."""
+    rows = []
+    for k in (1, 2):
+        rows += [
+            Row("checkerboard", "old-f2d2", k, "nll_nats", 3.40, 0.01, "", "f2d2-trained"),
+            Row("checkerboard", "old-f2d2", k, "nll_gap_nats", -0.0145, 0.0001, "", "f2d2-trained"),  # just past the limit
+            Row("checkerboard", "fine-f2d2", k, "nll_nats", 3.60, 0.01, "", "f2d2-trained"),
+            Row("checkerboard", "fine-f2d2", k, "nll_gap_nats", -0.0135, 0.0001, "", "f2d2-trained"),  # just inside
+        ]
+    text = paper_table(rows_frame(rows))
+    assert "| old-f2d2 | 3.400 ‡ |" in text
+    assert "| fine-f2d2 | **3.600** |" in text
+
+
+def test_a_row_label_ending_in_fwd_is_hidden_only_for_registered_forward_only_copies():
+    rows = [(name, 1, "nll_nats", 3.5, 0.01, "", "f2d2-trained") for name in ("meanflow-f2d2-fwd", "mine-fwd")]
+    rows += [(name, 1, "nll_gap_nats", 0.0, 0.01, "", "f2d2-trained") for name in ("meanflow-f2d2-fwd", "mine-fwd")]
+    text = paper_table(frame(rows))
+    assert "mine-fwd" in text and "meanflow-f2d2-fwd" not in text

@@ -381,6 +381,12 @@ CASES: dict[str, Callable] = {
     "checkpoint: loader returns no FlowMap": lambda tmp, request: (["--checkpoint", "mine=os:getcwd"], ["os:getcwd", "FlowMap"]),
     "yaml: NaN learning rate": yaml_file("train: {lr: .nan}\n", "train.lr", "finite"),
     "yaml: infinite kappa": yaml_file("kappa: .inf\n", "kappa", "finite"),
+    "yaml: zero-width network": yaml_file("model: {hidden: 0}\n", "model.hidden"),
+    "yaml: no gradient step (grad_clip 0)": yaml_file("train: {grad_clip: 0}\n", "train.grad_clip"),
+    "yaml: negative rtol": yaml_file("eval: {rtol: -1}\n", "eval.rtol"),
+    "yaml: a 10^12-step Euler reference": yaml_file("eval: {reference_solver: 'euler:999999999999'}\n", "reference_solver"),
+    "yaml: one mass sample": yaml_file("eval: {num_mass: 1}\n", "num_mass"),
+    "steps=10^20": lambda tmp, request: (["--steps", "99999999999999999999"], ["train.steps"]),
 }
 
 
@@ -797,3 +803,32 @@ def test_the_main_job_writes_only_where_git_ignores_it():
     assert ignored.returncode == 0, f"{DEFAULT_OUT}/ is not ignored by git"
     makefile = (root / "Makefile").read_text()
     assert "--out" not in makefile.split("sweep: $(STAMP)")[1].split("\n\n")[0]  # make sweep uses the default
+
+
+def one_error_line(result) -> str:
+    lines = result.stderr.splitlines()
+    assert result.exit_code == EXIT_USAGE and len(lines) == 1 and lines[0].startswith("error: "), (result.exit_code, result.stderr)
+    return lines[0]
+
+
+def test_reading_commands_refuse_bad_files_and_values_with_one_line(tmp_path):
+    """table, plan and check: a non-numeric value column, an --output that is a directory, a NaN
+    throughput, a header-only baseline, a guidance table without guided rows."""
+    baseline = Path(__file__).resolve().parent.parent / "results" / "ci" / "checkerboard"
+    runner = CliRunner()
+    text = (baseline / "results.csv").read_text().splitlines()
+    bad = tmp_path / "bad.csv"
+    header, first = text[0], text[1].split(",")
+    first[4] = "oops"  # the value column
+    bad.write_text("\n".join([header, ",".join(first), *text[2:5]]) + "\n")
+    assert "non-number" in one_error_line(runner.invoke(app, ["table", str(bad)]))
+    assert "is a directory" in one_error_line(runner.invoke(app, ["table", str(baseline), "--output", str(tmp_path)]))
+    assert "guided rows" in one_error_line(runner.invoke(app, ["table", str(baseline), "--layout", "guidance"]))
+    for value in ("nan", "inf", "0"):
+        assert "--tflops" in one_error_line(runner.invoke(app, ["plan", "--tflops", value, "--quiet"]))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "results.csv").write_text(header + "\n")
+    assert "no result rows" in one_error_line(runner.invoke(app, ["check", str(baseline), "--baseline", str(empty)]))
+    assert "non-number" in one_error_line(runner.invoke(app, ["check", str(baseline), "--baseline", str(bad)]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "empty"]
