@@ -80,7 +80,8 @@ class TrainConfig:
             unscaled). Matches another code's loss normalisation, e.g. a per-element mean.
         grad_nan_to_num: replace non-finite gradient entries (NaN -> 0, +-inf -> +-1e5) before
             clipping instead of skipping the step (the authors' hygiene); a non-finite loss still
-            skips the step.
+            skips the step, and under fp16 the gradient scaler's rule applies instead (a step with
+            non-finite gradients is skipped and the scale lowered).
         precision: 'fp32', 'bf16' or 'fp16' autocast of the training step's network calls (fp16
             with a gradient scaler). Divergence targets, JVPs, likelihoods and every evaluation
             stay in float32 (bench/precision.py).

@@ -37,6 +37,7 @@ AUTHORS_EMA_RAMPUP_RATIO = 0.05  # training/experimental/training_loop.py: ema_r
 AUTHORS_GRAD_CLIP = 0.01  # training_loop.py: clip_grad_norm_(net.parameters(), 0.01)
 AUTHORS_BATCH = {"fm": 512, "sc": 512, "ll": 256}  # --batch of run_fm.sh, run_sc.sh, run_ll.sh
 AUTHORS_DURATION_IMAGES = {"fm": 300_000_000, "sc": 300_000_000, "ll": 30_000_000}  # --duration (Mimg)
+AUTHORS_TF32 = False  # train.py --tf32 default False -> training_loop sets cuda.matmul and cudnn allow_tf32 to it
 AUTHORS_KAPPA = 2e4  # training/experimental/loss.py: div_teacher / 20000.0
 AUTHORS_FM_LOGIT_MEAN, AUTHORS_FM_LOGIT_STD = 1.2, 1.2  # loss.py FMLoss: sigma = exp(N(-1.2, 1.2^2)), t = 1/(1+sigma)
 NUM_PIXELS = 3 * 32 * 32  # the element count their velocity MSE averages over
@@ -57,7 +58,8 @@ def _stage(stage: str, rows_per_image: int, loss_scale: float) -> TrainConfig:
         optimizer="radam", betas=AUTHORS_BETAS, eps=AUTHORS_EPS, lr_schedule="edm",
         lr_rampup_images=AUTHORS_LR_RAMPUP_IMAGES * rows_per_image,
         ema_halflife_images=float(AUTHORS_EMA_HALFLIFE_IMAGES * rows_per_image), ema_rampup_ratio=AUTHORS_EMA_RAMPUP_RATIO,
-        grad_clip=AUTHORS_GRAD_CLIP, loss_scale=loss_scale, grad_nan_to_num=True, checkpoint_every=CHECKPOINT_EVERY,
+        grad_clip=AUTHORS_GRAD_CLIP, loss_scale=loss_scale, grad_nan_to_num=True, tf32=AUTHORS_TF32,
+        checkpoint_every=CHECKPOINT_EVERY,
     )
 
 

@@ -38,7 +38,7 @@ def test_three_stages_with_the_authors_batches_and_durations(paper):
         # --lr_rampup 10 Mimg and --ema 50 Mimg span the same steps as theirs
         assert cfg.lr_rampup_images / cfg.batch_size == pytest.approx(10e6 / images_per_step)
         assert cfg.ema_halflife_images / cfg.batch_size == pytest.approx(50e6 / images_per_step)
-        assert cfg.precision == "fp32" and cfg.select == "last"
+        assert cfg.precision == "fp32" and cfg.tf32 is False and cfg.select == "last"  # --fp16 False, --tf32 False
     # loss normalisation: theirs averages the velocity MSE over 3072 pixels and sums the row kinds
     assert stages["fm"].loss_scale == pytest.approx(1 / 3072)
     assert stages["sc"].loss_scale == stages["ll"].loss_scale == pytest.approx(2 / 3072)
