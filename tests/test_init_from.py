@@ -3,7 +3,6 @@ the order in which a sweep trains a source and the model that starts from it."""
 
 from __future__ import annotations
 
-import copy
 import shutil
 from dataclasses import replace
 
