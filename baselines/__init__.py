@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from baselines.flow_matching import FlowMatching
+from baselines.flow_matching import FlowMatching, FlowMatchingConfig
 from baselines.lsd import LSD, LSDConfig
 from baselines.meanflow import MeanFlow, MeanFlowConfig
 from baselines.shortcut import Shortcut, ShortcutConfig
@@ -39,7 +39,7 @@ _SELF = DivergenceLoss(target="self")
 _TEACHER = DivergenceLoss(target="teacher")
 
 METHODS: dict[str, MethodSpec] = _specs(
-    MethodSpec("flow-matching", FlowMatching, MethodConfig(), "teacher: conditional flow matching, Euler sampling"),
+    MethodSpec("flow-matching", FlowMatching, FlowMatchingConfig(), "teacher: conditional flow matching, Euler sampling"),
     MethodSpec("shortcut", Shortcut, ShortcutConfig(), "Shortcut: semigroup self-consistency from scratch"),
     MethodSpec(
         "shortcut-distill", Shortcut, ShortcutConfig(velocity_target="teacher"), "Shortcut with teacher velocity rows"

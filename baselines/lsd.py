@@ -30,6 +30,7 @@ from f2d2.method import (
     squared_norm,
 )
 from f2d2.model import FlowMap, batch_view
+from f2d2.precision import full_precision
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,17 @@ class LSD(Method):
     def lagrangian_terms(
         self, model: FlowMap, field: FlowMap, x: Tensor, t: Tensor, s: Tensor, generator: torch.Generator
     ) -> dict[str, Tensor]:
-        """L_u (and L_D) of the Lagrangian condition on rows (x, t, s)."""
+        """L_u (and L_D) of the Lagrangian condition on rows (x, t, s).
+
+        In float32 also under a reduced-precision autocast: the JVP that gives the prediction
+        d_s Phi also gives the target piece sg[d_s D], and the endpoint field is a target
+        (f2d2/precision.py)."""
+        with full_precision(x):
+            return self._lagrangian_terms(model, field, x, t, s, generator)
+
+    def _lagrangian_terms(
+        self, model: FlowMap, field: FlowMap, x: Tensor, t: Tensor, s: Tensor, generator: torch.Generator
+    ) -> dict[str, Tensor]:
         with_div = self.config.divergence is not None
 
         def fn(s_: Tensor) -> tuple[Tensor, ...]:

@@ -6,6 +6,10 @@ one forward-mode JVP of (x, t, s) -> u with tangent (v, 1, 0) (Geng et al., arXi
 converted from their data-at-t=0 convention). The F2D2 variant mirrors it for the divergence head,
 D(x_t, t, s) = div w(x_t, t) / kappa + (s - t) dD/dt, with dD/dt from the same JVP
 (arXiv:2512.02636, Sec. 3; METHOD.md Sec. 3).
+
+Under a reduced-precision autocast the JVP runs in float32 without a graph (it only feeds the
+targets) and the prediction comes from one more forward in the reduced precision (f2d2/precision.py);
+with dropout the two calls then draw different masks.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from f2d2.method import (
     squared_norm,
 )
 from f2d2.model import FlowMap, batch_view
+from f2d2.precision import as_float32, autocast_active, full_precision
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,13 @@ class MeanFlow(Method):
             out = model(x, t_, s_)
             return (out.u, out.div) if with_div else (out.u,)
 
-        primal, tangent = torch.func.jvp(fn, (x_t, t, s), (v, torch.ones_like(t), torch.zeros_like(s)))
+        if autocast_active(x_t):  # reduced precision: the JVP (targets only) in float32, the prediction apart
+            v = as_float32(v, x_t)
+            with torch.no_grad(), full_precision(x_t):
+                _, tangent = torch.func.jvp(fn, (x_t, t, s), (v, torch.ones_like(t), torch.zeros_like(s)))
+            primal = fn(x_t, t, s)
+        else:
+            primal, tangent = torch.func.jvp(fn, (x_t, t, s), (v, torch.ones_like(t), torch.zeros_like(s)))
         step = s - t
         u_target = (v + batch_view(step, v) * tangent[0]).detach()
         velocity = squared_norm(primal[0] - u_target)

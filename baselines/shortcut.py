@@ -30,6 +30,7 @@ from f2d2.method import (
     squared_norm,
 )
 from f2d2.model import FlowMap, batch_view
+from f2d2.precision import full_precision
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,11 @@ class Shortcut(Method):
 
         The half jumps of the smallest step are never trained themselves, so they are taken as
         Euler steps of the instantaneous field (s = t inputs), as Shortcut queries its
-        flow-matching level there."""
+        flow-matching level there. The targets u*, D* are computed in float32 also under a
+        reduced-precision autocast (f2d2/precision.py)."""
         r = 0.5 * (t + s)
         smallest = ((s - t).abs() <= 0.5 ** (self.config.num_levels - 1) + 1e-9) & self.config.euler_smallest
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(x):
             first = target_net(x, t, torch.where(smallest, t, r))
             x_mid = x + batch_view(r - t, x) * first.u
             second = target_net(x_mid, r, torch.where(smallest, r, s))

@@ -79,12 +79,44 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: Adam with warm-up + cosine decay, EMA, clipping, non-finite step limit.
+    """Optimisation: optimizer, learning-rate schedule, EMA, gradient hygiene, precision, warm start.
+
+    Defaults are the harness's own recipe: Adam, linear warm-up over ``warmup_steps`` then cosine
+    decay to ``lr * final_lr_ratio``, EMA with decay ``ema_decay`` (ramped up over the first steps),
+    gradient clipping at ``grad_clip``, non-finite steps skipped. The paper profile sets the
+    authors' recipe through the fields below (bench/profiles.py); every one of them leaves today's
+    behaviour unchanged at its default and is left out of cache keys there.
 
     Validation ("when to stop"): every ``validate_every`` steps (0: never) the EMA model is scored on
     a fixed validation batch of ``num_validation`` points; ``select`` keeps the weights that minimise
     one criterion: 'val_nll_gap' (|few-step NLL - exact NLL| averaged over the sweep's NFEs),
     'val_quality' (1-step sample distance), 'val_ref_nll' (exact NLL) or 'last' (no selection).
+
+    Attributes (the authors' recipe; "images" are rows drawn, ``batch_size`` per step):
+        optimizer: 'adam' or 'radam' (torch.optim.RAdam, Liu et al., arXiv:1908.03265), with
+            ``betas``, ``eps`` and (coupled, L2) ``weight_decay``.
+        lr_schedule: 'cosine' (warm-up + cosine, above) or 'edm': EDM's ramp
+            lr * min(step * batch_size / lr_rampup_images, 1), constant afterwards (the first step
+            has lr 0, as in EDM; lr_rampup_images 0: constant lr) (Karras et al., arXiv:2206.00364).
+        ema_halflife_images: if > 0, EMA decay 0.5 ** (batch_size / h) with h this half-life in
+            images, capped at ``ema_rampup_ratio`` * images seen so far when that ratio is > 0
+            (EDM's ema_halflife_kimg and ema_rampup_ratio); 0: ``ema_decay``.
+        loss_scale: multiplies the mean loss before backward (the gradient; logged losses are
+            unscaled). Matches another code's loss normalisation, e.g. a per-element mean.
+        grad_nan_to_num: replace non-finite gradient entries (NaN -> 0, +-inf -> +-1e5) before
+            clipping instead of skipping the step (the authors' hygiene); a non-finite loss still
+            skips the step, and under fp16 the gradient scaler's rule applies instead (a step with
+            non-finite gradients is skipped and the scale lowered).
+        precision: 'fp32', 'bf16' or 'fp16' autocast of the training step's network calls (fp16
+            with a gradient scaler). Divergence targets, JVPs, likelihoods and every evaluation
+            stay in float32 (bench/precision.py).
+        tf32: TF32 matmuls and cuDNN convolutions on CUDA (True/False); None leaves PyTorch's
+            defaults. CUDA only; no effect on CPU.
+        compile: torch.compile the network being trained (not the EMA or the teacher).
+        init_from: warm start from a method of the same sweep (its trained checkpoint, which the
+            sweep trains first) or from a checkpoint path; parameters the source has are copied,
+            new ones (a divergence head, a step path) keep their fresh initialisation.
+        init_weights: which weights of the source: 'ema' (default) or 'model' (the raw weights).
     """
 
     steps: int = 4000
@@ -101,10 +133,34 @@ class TrainConfig:
     validate_every: int = 0
     num_validation: int = 512
     select: str = "last"
+    optimizer: str = "adam"
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    lr_rampup_images: int = 0
+    ema_halflife_images: float = 0.0
+    ema_rampup_ratio: float = 0.0
+    loss_scale: float = 1.0
+    grad_nan_to_num: bool = False
+    precision: str = "fp32"
+    tf32: bool | None = None
+    compile: bool = False
+    init_from: str | None = None
+    init_weights: str = "ema"
 
     # Fields that do not change the trained weights, hence not part of a checkpoint's cache key.
-    BOOKKEEPING: typing.ClassVar[tuple[str, ...]] = ("log_every", "checkpoint_every")
+    # compile changes the rounding of the same computation, as the world size does.
+    BOOKKEEPING: typing.ClassVar[tuple[str, ...]] = ("log_every", "checkpoint_every", "compile")
     CRITERIA: typing.ClassVar[tuple[str, ...]] = ("last", "val_nll_gap", "val_quality", "val_ref_nll")
+    OPTIMIZERS: typing.ClassVar[tuple[str, ...]] = ("adam", "radam")
+    LR_SCHEDULES: typing.ClassVar[tuple[str, ...]] = ("cosine", "edm")
+    PRECISIONS: typing.ClassVar[tuple[str, ...]] = ("fp32", "bf16", "fp16")
+    KEY_OMITS_DEFAULT: typing.ClassVar[tuple[str, ...]] = (
+        "optimizer", "betas", "eps", "weight_decay", "lr_schedule", "lr_rampup_images", "ema_halflife_images",
+        "ema_rampup_ratio", "loss_scale", "grad_nan_to_num", "precision", "tf32", "compile", "init_from",
+        "init_weights",
+    )
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "warmup_steps", "log_every", "checkpoint_every", "num_validation"):
@@ -122,6 +178,29 @@ class TrainConfig:
             raise ConfigError(f"train.steps must be at most {MAX_TRAIN_STEPS:,} and train.batch_size at most {MAX_POINTS:,}")
         if self.grad_clip <= 0:  # 0 would clip every gradient to nothing: training that silently never moves
             raise ConfigError(f"train.grad_clip must be > 0, got {self.grad_clip}")
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        choices = {"optimizer": self.OPTIMIZERS, "lr_schedule": self.LR_SCHEDULES, "precision": self.PRECISIONS,
+                   "init_weights": ("ema", "model")}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"train.{name} must be one of {', '.join(valid)}, got {getattr(self, name)!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.eps <= 0 or self.weight_decay < 0 or self.loss_scale <= 0:
+            raise ConfigError(
+                f"need train.eps > 0, train.weight_decay >= 0 and train.loss_scale > 0, "
+                f"got {self.eps}, {self.weight_decay}, {self.loss_scale}"
+            )
+        if self.lr_rampup_images < 0 or self.ema_halflife_images < 0 or self.ema_rampup_ratio < 0:
+            raise ConfigError("train.lr_rampup_images, train.ema_halflife_images and train.ema_rampup_ratio must be >= 0")
+        if self.lr_rampup_images and self.lr_schedule != "edm":
+            raise ConfigError("train.lr_rampup_images applies to train.lr_schedule 'edm' only (cosine uses warmup_steps)")
+        if self.ema_rampup_ratio and not self.ema_halflife_images:
+            raise ConfigError("train.ema_rampup_ratio needs train.ema_halflife_images > 0 (it caps that half-life)")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError("train.init_from must name a method or a checkpoint path (or be left out)")
 
 
 MAX_NFE = 4096  # network evaluations per few-step estimate: 4x the paper's 1024-step reference

@@ -14,6 +14,11 @@ world size restores each rank's generator, so the run continues exactly as if ne
 at another world size each rank re-seeds from (seed, rank, step) (:func:`bench.train.stream_seed`),
 deterministic but a different data order. The cache key leaves the world size out: weights trained
 at one world size are reused at any other.
+
+A job with a warm start (``train.init_from``, bench/warmstart.py) holds its source: another Job of
+the sweep (keyed by that job's cache key, so the source must be trained first) or a checkpoint
+directory (keyed by its weights' sha256). A fresh run copies the source's weights before the first
+step; a resumed run takes everything from its own checkpoint.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from bench.datasets import get_dataset
 from bench.io import remove_stale_temporaries
 from bench.models import build_model
 from bench.train import TrainState, init_state, scored_on_main, stream_seed, train
+from bench.warmstart import source_identity, warm_start
 from f2d2.method import MethodConfig
 
 CACHE_VERSION = 1  # bump when a code change makes old checkpoints unusable
@@ -57,15 +63,18 @@ class Job:
     cache_root: str
     validation_nfe: tuple[int, ...] = (1, 2, 4, 8)
     validation_estimator: str = "exact"
+    init_source: Job | str | None = None  # warm start: a Job of the sweep or a checkpoint directory
 
     def identity(self) -> dict:
-        """What determines the trained weights (bookkeeping fields excluded)."""
-        train = {k: v for k, v in key_dict(self.train).items() if k not in TrainConfig.BOOKKEEPING}
+        """What determines the trained weights (bookkeeping fields excluded). A warm start enters as
+        its source's identity (cache key or sha256) and weights, not as the name or path given."""
+        omit = (*TrainConfig.BOOKKEEPING, "init_from", "init_weights")
+        train = {k: v for k, v in key_dict(self.train).items() if k not in omit}
         teacher = read_meta(self.teacher_dir)["cache_key"] if self.teacher_dir else None
         if self.train.validate_every:
             train["validation_nfe"] = list(self.validation_nfe)
             train["validation_estimator"] = self.validation_estimator
-        return {
+        identity = {
             "version": CACHE_VERSION,
             "dataset": self.dataset,
             "method": self.method,
@@ -76,6 +85,17 @@ class Job:
             "sigma_0": self.sigma_0,
             "teacher": teacher,
         }
+        if self.init_source is not None:
+            source = {"cache_key": self.init_source.key} if isinstance(self.init_source, Job) else source_identity(Path(self.init_source))
+            identity["init_from"] = {**source, "weights": self.train.init_weights}
+        return identity
+
+    @property
+    def init_dir(self) -> Path | None:
+        """The checkpoint directory a fresh run warm-starts from (None: no warm start)."""
+        if self.init_source is None:
+            return None
+        return self.init_source.directory if isinstance(self.init_source, Job) else Path(self.init_source)
 
     @property
     def key(self) -> str:
@@ -147,6 +167,12 @@ def _write(job: Job, state: TrainState, complete: bool, generators: list[torch.T
         "world_size": len(generators),
         "world_sizes": state.world_sizes,
     }
+    if state.scaler is not None:
+        meta["grad_scaler"] = state.scaler.state_dict()
+    if job.train.grad_nan_to_num:
+        meta["num_sanitized"] = state.num_sanitized
+    if state.init is not None:
+        meta["init_from"] = state.init
     save_checkpoint(job.directory, _state_tensors(state, generators), meta)
 
 
@@ -169,6 +195,9 @@ def _restore(job: Job, state: TrainState) -> None:
     state.world_sizes = meta.get("world_sizes", [{"from_step": 0, "world_size": 1}])
     state.history, state.running, state.wall_s = meta["history"], meta["running"], meta["train_wall_s"]
     state.validation = meta.get("validation", [])
+    if state.scaler is not None and "grad_scaler" in meta:
+        state.scaler.load_state_dict(meta["grad_scaler"])
+    state.num_sanitized, state.init = meta.get("num_sanitized", 0), meta.get("init_from")
     best = prefixed(tensors, "best/")
     if best:
         state.best = {"step": meta["best_step"], "value": meta["best_value"], "state": best}
@@ -191,7 +220,9 @@ def run_job(job: Job, device: str = "cpu", progress: Progress | None = None, thr
     model = build_model(
         job.model, dataset.data_shape, method.capabilities, kappa=job.kappa, sigma_0=job.sigma_0
     ).to(device)
-    state = init_state(model, job.train)
+    init = warm_start(model, job.init_dir, job.train.init_weights) if job.init_dir and status == "missing" else None
+    state = init_state(model, job.train)  # after the warm start: the EMA starts from the loaded weights
+    state.init = init
     if status == "partial":
         _restore(job, state)
     if not state.world_sizes or state.world_sizes[-1]["world_size"] != dist.world_size():

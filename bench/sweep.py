@@ -28,7 +28,9 @@ from bench.env import environment
 from bench.io import write_json, write_text, write_with
 from bench.jobs import Job, run_job, train_in_workers
 from bench.loaders import UserModel, is_loader_spec
+from bench.precision import check_precision
 from bench.train import rank_batch_size
+from bench.warmstart import check_job_source, warm_start_order, warm_start_source
 
 TEACHER = "flow-matching"
 
@@ -83,10 +85,12 @@ Source = Job | Provided | UserModel
 
 
 def plan_jobs(cfg: SweepConfig, dataset, data_dir: str | None, cache_dir: Path, kappa: float, sigma_0: float) -> dict[str, Source]:
-    """Teacher first, then every method: a provided checkpoint (checked now, before anything is
-    trained or written) or a training job; distill variants point at the teacher."""
+    """Teacher first, then every method, each preceded by the warm-start source it names
+    (``train.init_from``; a source outside ``methods`` is trained but not evaluated, like the
+    teacher): a provided checkpoint (checked now, before anything is trained or written) or a
+    training job; distill variants point at the teacher."""
 
-    def source(name: str, teacher_dir: str | None) -> Source:
+    def source(name: str, teacher_dir: str | None, init: Job | str | None) -> Source:
         if name in cfg.checkpoints and is_loader_spec(cfg.checkpoints[name]):
             user = UserModel(name, cfg.checkpoints[name])
             user.load(dataset.data_shape)  # fails now, before anything is trained or written
@@ -102,17 +106,19 @@ def plan_jobs(cfg: SweepConfig, dataset, data_dir: str | None, cache_dir: Path, 
                 f"{name} trains from a teacher checkpoint; a teacher given by a loader "
                 f"({cfg.checkpoints[TEACHER]}) can be evaluated but not distilled from"
             )
-        return Job(
+        job = Job(
             name, method_cfg, cfg.model, train_cfg, dataset.name, data_dir, kappa, sigma_0,
-            teacher_dir if needs_teacher else None, str(cache_dir), cfg.nfe, cfg.eval.reference_estimator,
+            teacher_dir if needs_teacher else None, str(cache_dir), cfg.nfe, cfg.eval.reference_estimator, init,
         )
+        if isinstance(init, str):  # a checkpoint path: its shapes are checked now, before any training
+            check_job_source(job, dataset.data_shape)
+        return job
 
-    teacher = source(TEACHER, None)
-    sources = {TEACHER: teacher}
+    sources: dict[str, Source] = {}
+    sources[TEACHER] = teacher = source(TEACHER, None, warm_start_source(cfg, TEACHER, TEACHER, sources, dataset))
     teacher_dir = None if isinstance(teacher, UserModel) else str(teacher.directory)
-    for name in cfg.methods:
-        if name != TEACHER:
-            sources[name] = source(name, teacher_dir)
+    for name in warm_start_order(cfg, [m for m in cfg.methods if m != TEACHER], TEACHER):
+        sources[name] = source(name, teacher_dir, warm_start_source(cfg, name, TEACHER, sources, dataset))
     return sources
 
 
@@ -130,25 +136,38 @@ def check_provided(provided: Provided, dataset) -> Provided:
 
 
 def train_all(sources: dict[str, Source], device: torch.device, jobs: int, reporter: Reporter) -> list[str]:
-    """Train missing checkpoints: the teacher first, then the rest (in parallel if ``jobs`` > 1).
-    Under torchrun every rank trains each job together with the others (``jobs`` is then 1)."""
+    """Train missing checkpoints: the teacher first, then the rest in waves, each wave the jobs whose
+    warm-start source (``train.init_from``) is trained (one wave without warm starts), in parallel
+    if ``jobs`` > 1. Under torchrun every rank trains each job together with the others (``jobs`` is
+    then 1)."""
     status = dist.broadcast_object({n: j.status() for n, j in sources.items()})  # rank 0's view on every rank
     todo = [j for n, j in sources.items() if isinstance(j, Job) and status[n] != "complete"]
     for job in todo:  # a global batch that does not split across the ranks fails before any training
         rank_batch_size(job.train.batch_size)
+        check_precision(job.train, device)
     teacher = sources[TEACHER]
     if teacher in todo:
         run_job(teacher, str(device), reporter.train_progress)
     rest = [j for j in todo if j is not teacher]
-    if jobs <= 1 or len(rest) <= 1 or device.type != "cpu":
-        for j in rest:
+    while rest:
+        wave = [j for j in rest if not any(j.init_source is other for other in rest)]
+        if not wave:  # plan_jobs refuses cycles; this guards against a source list built elsewhere
+            raise RuntimeError(f"warm starts form a cycle among {', '.join(j.method for j in rest)}")
+        rest = [j for j in rest if all(j is not w for w in wave)]
+        _train_wave(wave, device, jobs, reporter)
+    return [j.method for j in todo]
+
+
+def _train_wave(wave: list[Job], device: torch.device, jobs: int, reporter: Reporter) -> None:
+    """Independent jobs: one after the other, or in ``jobs`` CPU worker processes."""
+    if jobs <= 1 or len(wave) <= 1 or device.type != "cpu":
+        for j in wave:
             run_job(j, str(device), reporter.train_progress)
-        return [j.method for j in todo]
+        return
     threads = max(1, torch.get_num_threads() // jobs)
     queue = reporter.queue()
     forward = _QueueProgress(queue) if queue is not None else None
-    train_in_workers(rest, jobs, threads, forward, reporter.drain)
-    return [j.method for j in todo]
+    train_in_workers(wave, jobs, threads, forward, reporter.drain)
 
 
 class _QueueProgress:

@@ -1,5 +1,13 @@
-"""One training loop for every method: Adam, warm-up + cosine learning rate, EMA, gradient
-clipping, and non-finite steps skipped, counted, and fatal only in a long run.
+"""One training loop for every method: optimizer, learning-rate schedule and EMA of the config
+(bench/schedules.py: Adam with warm-up + cosine by default, or the authors' RAdam with EDM's ramp and
+EMA half-life), gradient clipping, optional sanitising of non-finite gradients, autocast precision
+(bench/precision.py), and non-finite steps skipped, counted, and fatal only in a long run.
+
+Modes of the networks: the model being trained is in train mode (dropout on) for its predictions
+and for targets it builds itself (Shortcut's half jumps with ``target_model: model``, divergence
+targets of ``target: self``), as in the authors' code, where targets come from the same module in
+train mode. The EMA network is always in eval mode (dropout off), also when it builds Shortcut
+targets (``target_model: ema``), as EDM's EMA copy; a teacher loaded from a checkpoint is in eval mode.
 
 Data-parallel at any world size (bench/dist.py; torchrun). ``train.batch_size`` is the global
 batch: each of the W ranks draws ``batch_size / W`` points, their noise and times from its own
@@ -33,10 +41,11 @@ from torch import Tensor
 
 from bench import dist
 from bench.config import ConfigError, TrainConfig
+from bench.precision import autocast, compile_network, make_scaler, tf32_mode
+from bench.schedules import build_optimizer, ema_decay, learning_rate, sanitize_gradients
 from f2d2.method import Method
 from f2d2.model import FlowMap
 
-EMA_WARMUP = 10  # EMA decay ramps as (1 + step) / (EMA_WARMUP + step) before reaching its target
 RUNNING_DECAY = 0.98  # smoothing of the logged loss terms
 
 
@@ -60,15 +69,9 @@ class TrainState:
     validation: list[dict] = field(default_factory=list)
     best: dict | None = None  # {"step", "value", "state"}: the EMA weights selected by the criterion
     world_sizes: list[dict] = field(default_factory=list)  # [{"from_step", "world_size"}]: who trained when
-
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine decay to ``lr * final_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    floor = cfg.final_lr_ratio
-    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    num_sanitized: int = 0  # steps whose gradients had non-finite entries replaced (train.grad_nan_to_num)
+    init: dict | None = None  # the warm start's record (bench/warmstart.py), None for a fresh start
 
 
 def stream_seed(seed: int, rank: int, step: int = 0) -> int:
@@ -97,9 +100,9 @@ def init_state(model: FlowMap, cfg: TrainConfig) -> TrainState:
     device = next(model.parameters()).device
     dist.broadcast_tensors_(model.parameters())
     generator = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, dist.rank()))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    return TrainState(model, ema, optimizer, generator)
+    optimizer = build_optimizer(model.parameters(), cfg)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # eval mode for good (see the module docstring)
+    return TrainState(model, ema, optimizer, generator, scaler=make_scaler(cfg, device))
 
 
 @torch.no_grad()
@@ -117,28 +120,41 @@ def train_step(
 ) -> dict | None:
     """One optimizer step on this rank's share of the batch, with gradients averaged over ranks;
     returns the logged terms (means over ranks), or None when the step was skipped (on every rank)."""
-    model, opt = state.model, state.optimizer
+    model, opt, scaler = state.model, state.optimizer, state.scaler
     for group in opt.param_groups:
         group["lr"] = learning_rate(cfg, state.step)
     x1 = batch(rank_batch_size(cfg.batch_size), state.generator)
-    loss = method.loss(model, x1, generator=state.generator, teacher=teacher, ema=state.ema)
-    total = loss.total.mean()
+    with autocast(cfg, x1.device):
+        loss = method.loss(model, x1, generator=state.generator, teacher=teacher, ema=state.ema)
+    total = loss.total.float().mean()
     opt.zero_grad(set_to_none=True)
     finite = bool(torch.isfinite(total))
     if finite:
-        total.backward()
+        scaled = total if cfg.loss_scale == 1.0 else total * cfg.loss_scale
+        (scaled if scaler is None else scaler.scale(scaled)).backward()
     finite = dist.average_gradients(model.parameters(), finite)  # before clipping; all ranks agree
+    unscaled = finite and scaler is not None
     if finite:
+        if unscaled:  # fp16: true gradients before clipping; an overflow shows in the norm below
+            scaler.unscale_(opt)
+        elif cfg.grad_nan_to_num and sanitize_gradients(model.parameters()):
+            state.num_sanitized += 1
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         finite = bool(torch.isfinite(grad_norm))  # equal on every rank, as the averaged gradients are
     state.step += 1
     if not finite:
+        if unscaled:
+            scaler.update()  # lowers the scale after an overflow (unscale_ recorded it)
         opt.zero_grad(set_to_none=True)
         state.num_skipped += 1
         return None
-    opt.step()
-    update_ema(state.ema, model, min(cfg.ema_decay, (1 + state.step) / (EMA_WARMUP + state.step)))
-    logged = dist.mean_scalars({"loss": total, **{name: value.mean() for name, value in loss.terms.items()}})
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+    update_ema(state.ema, model, ema_decay(cfg, state.step))
+    logged = dist.mean_scalars({"loss": total, **{name: value.float().mean() for name, value in loss.terms.items()}})
     return {"step": state.step, "loss": logged.pop("loss"), "grad_norm": grad_norm.item(), **logged}
 
 
@@ -195,11 +211,14 @@ def train(
     """
     until = cfg.steps if until is None else until
     rank_batch_size(cfg.batch_size)  # an uneven split fails before the first step
+    if cfg.compile:
+        compile_network(state.model)
     consecutive = 0
     start = time.perf_counter()
     state.model.train()
     while state.step < until:
-        log = train_step(state, method, batch, cfg, teacher)
+        with tf32_mode(cfg.tf32):  # the step only: validation stays in full float32
+            log = train_step(state, method, batch, cfg, teacher)
         if log is None:
             consecutive += 1
             if consecutive > cfg.max_nonfinite:
@@ -212,7 +231,8 @@ def train(
         consecutive = 0
         state.running = {k: RUNNING_DECAY * state.running.get(k, v) + (1 - RUNNING_DECAY) * v for k, v in log.items()}
         if state.step % cfg.log_every == 0 or state.step == until:
-            state.history.append({**state.running, "step": state.step, "num_skipped": state.num_skipped})
+            sanitized = {"num_sanitized": state.num_sanitized} if cfg.grad_nan_to_num else {}
+            state.history.append({**state.running, "step": state.step, "num_skipped": state.num_skipped, **sanitized})
         if progress is not None:
             progress(state.step, state.running)
         if on_validate is not None and cfg.validate_every and state.step % cfg.validate_every == 0:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from f2d2.divergence import Estimator, Exact, divergence
 from f2d2.model import FlowMap, as_batch_time
+from f2d2.precision import full_precision
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,11 @@ def diagonal_divergence_target(
     estimator: Estimator = Exact(),
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """sg[div w(x_t, t)] / kappa with w = field_model's instantaneous velocity; shape (B,)."""
+    """sg[div w(x_t, t)] / kappa with w = field_model's instantaneous velocity; shape (B,).
+
+    Always in float32, also inside a reduced-precision autocast (f2d2/precision.py)."""
     t = as_batch_time(t, x_t)
-    with torch.no_grad():
+    with torch.no_grad(), full_precision(x_t):
         div = divergence(lambda x: field_model.velocity(x, t), x_t, estimator, generator=generator)
     return div.value.detach() / kappa
 
