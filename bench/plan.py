@@ -182,6 +182,7 @@ class Plan:
     mfu: float
     dopri5_nfe: int
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def train_flops(self) -> int:
@@ -362,7 +363,34 @@ def make_plan(
     sources = plan_jobs(cfg, dataset, data_dir, cache_dir, kappa, sigma_0)
     models, nets = model_plans(sources, tuple(dataset.data_shape), progress)
     items, notes = evaluation_items(cfg, dataset, nets, dopri5_nfe, TEACHER)
-    return Plan(cfg.dataset, models, items, tflops, mfu, dopri5_nfe, notes)
+    plan = Plan(cfg.dataset, models, items, tflops, mfu, dopri5_nfe, notes)
+    plan.warnings = precision_warnings(sources, tflops)
+    return plan
+
+
+# A100 dense peaks (TFLOP/s) by training precision: what --tflops should be for each setting
+PEAK_BY_PRECISION = {"fp32 with TF32 off": 19.5, "fp32 with TF32": 156.0, "bf16": 312.0, "fp16": 312.0}
+
+
+def precision_warnings(sources: dict, tflops: float) -> list[str]:
+    """A line for every training precision in the plan whose A100 peak is not the assumed one (the
+    GPU-hours then scale by the ratio), e.g. the paper profile trains in fp32 with TF32 off."""
+    from bench.jobs import Job
+
+    seen = {}
+    for name, source in sources.items():
+        if not isinstance(source, Job) or source.status() == "complete":
+            continue
+        precision = getattr(source.train, "precision", "fp32")
+        tf32 = getattr(source.train, "tf32", None)
+        key = precision if precision != "fp32" else ("fp32 with TF32 off" if tf32 is False else "fp32 with TF32")
+        seen.setdefault(key, []).append(name)
+    return [
+        f"{', '.join(names)} train in {key}: an A100's peak for that is {PEAK_BY_PRECISION[key]:g} TFLOP/s, not the "
+        f"assumed {tflops:g}; their training GPU-hours scale by {tflops / PEAK_BY_PRECISION[key]:.3g} "
+        f"(rerun with --tflops {PEAK_BY_PRECISION[key]:g})"
+        for key, names in seen.items() if PEAK_BY_PRECISION[key] != tflops
+    ]
 
 
 def _si(value: float, unit: str = "") -> str:
@@ -401,4 +429,5 @@ def render(plan: Plan) -> str:
     ]
     if plan.notes:
         lines.append("Not counted: " + "; ".join(plan.notes) + ".")
+    lines += [f"Device assumption: {warning}." for warning in plan.warnings]
     return "\n".join(lines) + "\n"

@@ -195,3 +195,14 @@ def test_the_plan_prices_only_the_selected_metric_groups():
     assert "Inception features" not in nll.stdout and "samples:" not in nll.stdout and "KID" not in nll.stdout
     assert "x 1 run(s)" in nll.stdout and "x 4 run(s)" in full.stdout  # repeats only time things
     assert "mass: 1 methods x 1000 exact-ODE proposal samples" in mass.stdout and "3072 VJP(s), exact" in mass.stdout
+
+
+def test_the_plan_says_when_training_precision_changes_the_device_peak():
+    runner = CliRunner()
+    paper = runner.invoke(app, ["plan", "--dataset", "cifar10", "--profile", "paper", "--quiet"])
+    default = runner.invoke(app, ["plan", "--dataset", "cifar10", "--quiet"])
+    assert paper.exit_code == default.exit_code == 0
+    assert "TF32 off: an A100's peak for that is 19.5 TFLOP/s" in paper.stdout and "--tflops 19.5" in paper.stdout
+    assert "Device assumption" not in default.stdout  # fp32 with PyTorch's default TF32 convolutions: the assumed peak
+    matched = runner.invoke(app, ["plan", "--dataset", "cifar10", "--profile", "paper", "--quiet", "--tflops", "19.5"])
+    assert "Device assumption" not in matched.stdout
