@@ -109,49 +109,47 @@ def density_table(figures: Path, root: Path) -> str:
 CALIB = ("calib_mae_{unit}", "calib_spearman", "calib_within")
 
 
+def _per_method_nfe(frame: pd.DataFrame, cell: Callable[[dict, str, int], str], headers: list[str], extra=None) -> str:
+    """A table with a row per method and a column per NFE (``cell(cells, method, k)``), plus an
+    optional last column ``extra(cells, method)``."""
+    cells = lookup(frame)
+    body = [[m] + [cell(cells, m, k) for k in NFE] + ([extra(cells, m)] if extra else []) for m in methods_of(frame)]
+    return markdown(["method"] + [h.format(k=k) for k in NFE for h in headers[:1]] + headers[1:], body)
+
+
 def calibration_table(frame: pd.DataFrame) -> str:
     """calib MAE / Spearman / share within tolerance per method and NFE, and the floor a perfect
     estimator would score against the method's reference (the same at every NFE)."""
     unit = unit_of(frame)
-    cells = lookup(frame)
-    body = []
-    for method in methods_of(frame):
-        row = [method]
-        for k in NFE:
-            parts = [cells.get((method, k, m.format(unit=unit))) for m in CALIB]
-            row.append(" / ".join(fmt(p, 3, stderr=False) for p in parts) if parts[0] else "-")
-        floor = [cells.get((method, NFE[0], m.format(unit=unit).replace("calib_", "calib_floor_", 1))) for m in CALIB]
-        row.append(" / ".join(fmt(p, 3, stderr=False) for p in floor) if floor[0] else "-")
-        body.append(row)
-    return markdown(["method"] + [f"NFE {k}: MAE / Spearman / within" for k in NFE] + ["floor: MAE / Spearman / within"], body)
+
+    def joined(cells: dict, method: str, k: int, prefix: str = "calib_") -> str:
+        parts = [cells.get((method, k, m.format(unit=unit).replace("calib_", prefix, 1))) for m in CALIB]
+        return " / ".join(fmt(p, 3, stderr=False) for p in parts) if parts[0] else "-"
+
+    return _per_method_nfe(frame, joined, ["NFE {k}: MAE / Spearman / within", "floor: MAE / Spearman / within"],
+                           lambda cells, method: joined(cells, method, NFE[0], "calib_floor_"))
 
 
 def decomposition_table(frame: pd.DataFrame) -> str:
     """Per method and NFE: the gap to the own reference = where the map lands + what the head adds."""
     unit = unit_of(frame)
-    cells = lookup(frame)
-    body = []
-    for method in methods_of(frame):
-        row = [method]
-        for k in NFE:
-            gap, part_map, part_head = (cells.get((method, k, f"{m}_{unit}")) for m in ("nll_gap", "nll_gap_map", "nll_gap_head"))
-            row.append("-" if gap is None or part_map is None else f"{gap.value:+.3f} = {part_map.value:+.3f} {part_head.value:+.3f}")
-        body.append(row)
-    return markdown(["method"] + [f"NFE {k}: gap = map + head" for k in NFE], body)
+
+    def split(cells: dict, method: str, k: int) -> str:
+        gap, part_map, part_head = (cells.get((method, k, f"{m}_{unit}")) for m in ("nll_gap", "nll_gap_map", "nll_gap_head"))
+        return "-" if gap is None or part_map is None else f"{gap.value:+.3f} = {part_map.value:+.3f} {part_head.value:+.3f}"
+
+    return _per_method_nfe(frame, split, ["NFE {k}: gap = map + head"])
 
 
 def mass_table(frame: pd.DataFrame) -> str:
     """Total mass of every method's few-step density per NFE (value ± standard error; ESS for importance sampling)."""
-    cells = lookup(frame)
-    body = []
-    for method in methods_of(frame):
-        row = [method]
-        for k in NFE:
-            cell = cells.get((method, k, "mass"))
-            ess = cell.estimator.split("ESS=")[1].split(",")[0] if cell and "ESS=" in cell.estimator else None
-            row.append("-" if cell is None else fmt(cell, 3) + (f" (ESS {ess})" if ess else ""))
-        body.append(row)
-    return markdown(["method"] + [f"mass @{k}" for k in NFE], body)
+
+    def mass(cells: dict, method: str, k: int) -> str:
+        cell = cells.get((method, k, "mass"))
+        ess = cell.estimator.split("ESS=")[1].split(",")[0] if cell and "ESS=" in cell.estimator else None
+        return "-" if cell is None else fmt(cell, 3) + (f" (ESS {ess})" if ess else "")
+
+    return _per_method_nfe(frame, mass, ["mass @{k}"])
 
 
 def guidance_summary(frame: pd.DataFrame, quality: str) -> str:
