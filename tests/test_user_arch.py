@@ -182,3 +182,23 @@ def test_adm_follows_the_protocol_and_its_divergence_is_the_jacobian_trace(float
         jac = torch.autograd.functional.jacobian(lambda z: model.velocity(z[None], t[b : b + 1])[0], x[b])
         torch.testing.assert_close(div[b], jac.reshape(64, 64).trace(), rtol=1e-10, atol=1e-10)
     assert model(x, t, t + 0.5).u.equal(model.velocity(x, t))  # s is ignored
+
+
+def test_the_user_network_evaluates_through_the_api_with_the_sweeps_numbers(user_sweep):
+    """bench.evaluate on the user network's checkpoints gives the rows the sweep wrote: one
+    evaluation path for the CLI and for Python."""
+    import yaml
+
+    import bench
+    from bench.config import EvalConfig, from_dict
+
+    out, frame = user_sweep
+    training = json.loads((out / "checkerboard" / "training.json").read_text())
+    resolved = yaml.safe_load((out / "checkerboard" / "config.yaml").read_text())
+    cfg = from_dict(EvalConfig, resolved["eval"], "eval")
+    teacher = load_checkpoint(training["flow-matching"]["checkpoint"])
+    model = load_checkpoint(training["meanflow-f2d2"]["checkpoint"])
+    direct = bench.evaluate(model, dataset="checkerboard", nfe=(1,), teacher=teacher, eval=cfg, metrics=["nll", "calibration"])
+    swept = frame[frame.method == "meanflow-f2d2"].set_index("metric")
+    for row in direct.itertuples():
+        assert row.value == pytest.approx(swept.loc[row.metric, "value"], rel=1e-9, abs=1e-12), row.metric
