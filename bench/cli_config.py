@@ -130,8 +130,9 @@ def _resolve_config(
     return cfg
 
 def _apply_shortcuts(cfg, shortcuts: dict):
-    """--metrics, --num-test, --num-samples and --steps on top of the resolved config; --steps sets
-    the training steps of every model (teacher and per-method overrides included)."""
+    """--metrics, --num-test, --num-samples, --steps and --batch-size on top of the resolved config;
+    --steps and --batch-size set the training steps and batch of every model (teacher and
+    per-method overrides included)."""
     from dataclasses import replace
 
     from bench.config import merge
@@ -144,13 +145,13 @@ def _apply_shortcuts(cfg, shortcuts: dict):
     counts = {k: shortcuts.get(k) for k in ("num_test", "num_samples") if shortcuts.get(k) is not None}
     if counts:
         cfg = replace(cfg, eval=merge(cfg.eval, counts, "eval"))
-    steps = shortcuts.get("steps")
-    if steps is not None:
+    train = {k: shortcuts[k] for k in ("steps", "batch_size") if shortcuts.get(k) is not None}
+    if train:
         cfg = replace(
             cfg,
-            train=merge(cfg.train, {"steps": steps}, "train"),
-            teacher_train=merge(cfg.teacher_train, {"steps": steps}, "teacher_train"),
-            train_overrides={m: {**o, "steps": steps} for m, o in cfg.train_overrides.items()},
+            train=merge(cfg.train, train, "train"),
+            teacher_train=merge(cfg.teacher_train, train, "teacher_train"),
+            train_overrides={m: {**o, **train} for m, o in cfg.train_overrides.items()},
         )
     return cfg
 

@@ -26,7 +26,7 @@ def sweep(
     nfe: Annotated[Optional[str], typer.Option(help="Comma-separated numbers of function evaluations, e.g. 1,2,4,8.")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names; 'all' stands for every registered one.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML sweep file (keys of SweepConfig) applied on top of the profile.")] = None,
-    profile: Annotated[str, typer.Option(help="Budget profile: default, ci (tiny, for regression tracking), or paper (the authors' CIFAR-10 recipe; cifar10 only).")] = "default",
+    profile: Annotated[str, typer.Option(help="Budget profile: default, ci (tiny, 2D, for regression tracking), paper (the authors' CIFAR-10 recipe; cifar10 only) or smoke (tiny images pipeline check).")] = "default",
     out: Annotated[str, typer.Option(help="Results root; outputs go to OUT/DATASET/ (runs/ is ignored by git; the committed results/ is refreshed only when you name it).")] = DEFAULT_OUT,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint cache (default OUT/checkpoints).")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Where file-backed datasets live.")] = None,
@@ -38,6 +38,7 @@ def sweep(
     num_test: Annotated[Optional[int], typer.Option(help="Test points for likelihoods (eval.num_test).")] = None,
     num_samples: Annotated[Optional[int], typer.Option(help="Samples for sample quality (eval.num_samples).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps of every model (teacher included); part of the cache key.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training batch of every model (the global batch under torchrun); part of the cache key.")] = None,
     jobs: Annotated[Optional[int], typer.Option(help="Parallel training processes on CPU (default: one per core, at most 2).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the cost plan (see `f2d2-bench plan`) and exit; nothing runs or is written.")] = False,
@@ -48,7 +49,7 @@ def sweep(
 
     try:
         out = _check_options(jobs, out, cache_dir)
-        shortcuts = {"metrics": metrics, "num_test": num_test, "num_samples": num_samples, "steps": steps}
+        shortcuts = {"metrics": metrics, "num_test": num_test, "num_samples": num_samples, "steps": steps, "batch_size": batch_size}
         cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir, shortcuts,
                               need_files=not dry_run, teacher=teacher)
         if dry_run:
@@ -99,7 +100,7 @@ def plan(
     nfe: Annotated[Optional[str], typer.Option(help="Comma-separated numbers of function evaluations.")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names, or 'all'.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML sweep file applied on top of the profile.")] = None,
-    profile: Annotated[str, typer.Option(help="Budget profile: default, ci, or paper (the authors' CIFAR-10 recipe; cifar10 only).")] = "default",
+    profile: Annotated[str, typer.Option(help="Budget profile: default, ci, paper (the authors' CIFAR-10 recipe) or smoke (tiny images pipeline check).")] = "default",
     out: Annotated[str, typer.Option(help="Results root (its checkpoint cache is inspected, nothing is written).")] = DEFAULT_OUT,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint cache (default OUT/checkpoints).")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Accepted as by sweep; not read.")] = None,
@@ -110,6 +111,7 @@ def plan(
     num_test: Annotated[Optional[int], typer.Option(help="Test points, as for sweep.")] = None,
     num_samples: Annotated[Optional[int], typer.Option(help="Samples, as for sweep.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps of every model, as for sweep.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training batch of every model, as for sweep.")] = None,
     jobs: Annotated[Optional[int], typer.Option(help="Accepted as by sweep.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress lines on stderr.")] = False,
     tflops: Annotated[float, typer.Option(help="Device peak throughput in TFLOP/s (default: A100 dense TF32).")] = PLAN_TFLOPS,
@@ -127,7 +129,7 @@ def plan(
             if output.is_dir():
                 raise UserError(f"--output {output} is a directory; give a file name")
             check_writable(output.parent, "--output directory")
-        shortcuts = {"metrics": metrics, "num_test": num_test, "num_samples": num_samples, "steps": steps}
+        shortcuts = {"metrics": metrics, "num_test": num_test, "num_samples": num_samples, "steps": steps, "batch_size": batch_size}
         cfg = _resolve_config(dataset, profile, config, nfe, methods, checkpoint, data_dir, shortcuts, need_files=False)
         text = _plan_text(cfg, out, cache_dir, data_dir, quiet, tflops, mfu, dopri5_nfe)
         if output is not None:
@@ -160,7 +162,7 @@ def guide(
     steps: Annotated[int, typer.Option(help="Adam steps on the noise (the paper: 1).")] = 1,
     teacher_steps: Annotated[int, typer.Option(help="Also sample the teacher with this many Euler steps (0: skip).")] = 200,
     config: Annotated[Optional[Path], typer.Option(help="YAML sweep file applied on top of the profile.")] = None,
-    profile: Annotated[str, typer.Option(help="Budget profile: default, ci, or paper (the authors' CIFAR-10 recipe; cifar10 only).")] = "default",
+    profile: Annotated[str, typer.Option(help="Budget profile: default, ci, paper (the authors' CIFAR-10 recipe) or smoke (tiny images pipeline check).")] = "default",
     out: Annotated[str, typer.Option(help="Results root; outputs go to OUT/guidance/DATASET/.")] = DEFAULT_OUT,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint cache (default OUT/checkpoints, shared with sweep).")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Where file-backed datasets live.")] = None,

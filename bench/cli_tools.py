@@ -96,7 +96,7 @@ def reference_accuracy_command(
     estimator: Annotated[str, typer.Option(help="Comma-separated divergence estimators to compare (exact, hutchinson:P).")] = "exact",
     num_test: Annotated[Optional[int], typer.Option(help="Test points (default: the profile's eval.num_test).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML sweep file applied on top of the profile (to find the checkpoint).")] = None,
-    profile: Annotated[str, typer.Option(help="Budget profile: default, ci, or paper (the authors' CIFAR-10 recipe; cifar10 only).")] = "default",
+    profile: Annotated[str, typer.Option(help="Budget profile: default, ci, paper (the authors' CIFAR-10 recipe) or smoke (tiny images pipeline check).")] = "default",
     cache_dir: Annotated[Path, typer.Option(help="Checkpoint cache holding the trained model.")] = Path(DEFAULT_OUT) / "checkpoints",
     data_dir: Annotated[Optional[Path], typer.Option(help="Where file-backed datasets live.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write OUT/DATASET.md and .json here (atomically).")] = None,

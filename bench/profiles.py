@@ -13,7 +13,7 @@ from dataclasses import replace
 from baselines import METHODS
 from bench.config import ConfigError, EvalConfig, ModelConfig, SweepConfig, TrainConfig
 
-PROFILES = ("default", "ci", "paper")
+PROFILES = ("default", "ci", "paper", "smoke")
 PAPER_DATASETS = ("cifar10",)  # the datasets the paper profile covers (the authors' public code: CIFAR-10)
 
 # MeanFlow's published recipe (logit-normal times, adaptive weight) targets images; on 2D data it
@@ -89,7 +89,28 @@ CI_2D = replace(
     figures=False,
 )
 
+# Smoke runs of the image datasets on a CPU: the whole pipeline (data files, training, exact-ODE
+# references, few-step NLL, samples) with a tiny UNet in minutes; the numbers say nothing about any
+# method. The default profiles' 35M-parameter UNet costs ~5 TFLOP per training step at batch 128
+# (`f2d2-bench plan`), tens of seconds on a CPU core, and its Hutchinson references more.
+SMOKE_IMAGES = replace(
+    DIGITS,
+    model=ModelConfig(arch="unet", channels=8, channel_mult=(1, 2), num_res_blocks=1, div_pool="gap"),
+    teacher_train=TrainConfig(steps=20, batch_size=16, lr=2e-3, warmup_steps=2, checkpoint_every=10),
+    train=TrainConfig(steps=20, batch_size=16, lr=2e-3, warmup_steps=2, checkpoint_every=10),
+    eval=EvalConfig(
+        num_test=16, num_samples=64, batch_size=16, num_repeats=1, num_mass=16,
+        reference_estimator="hutchinson:2", naive_estimator="hutchinson:1", rtol=1e-3, atol=1e-3,
+        metrics=_IMAGES_GPU_GROUPS,
+    ),
+    method_options={name: _HUTCHINSON_TRAINING for name in _F2D2_VARIANTS},
+    figures=False,
+)
+
 _DEFAULTS = {
+    ("digits", "smoke"): SMOKE_IMAGES,
+    ("mnist", "smoke"): SMOKE_IMAGES,
+    ("cifar10", "smoke"): SMOKE_IMAGES,
     ("checkerboard", "default"): TOY_2D,
     ("8gaussians", "default"): TOY_2D,
     ("checkerboard", "ci"): CI_2D,

@@ -47,15 +47,19 @@ def write_mnist_files(root, num_train: int = 200, num_test: int = 20) -> None:
     write_idx(root / "mnist" / "t10k-labels-idx1-ubyte", rng.integers(0, 10, num_test, dtype=np.uint8))
 
 
-@pytest.mark.parametrize("dataset, writer, dims", [("cifar10", write_cifar_archive, 3 * 32 * 32), ("mnist", write_mnist_files, 28 * 28)])
-def test_a_likelihood_only_sweep_needs_no_inception_file_and_gets_bits_per_dim_right(dataset, writer, dims, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dataset, writer, dims, profile", [
+    ("cifar10", write_cifar_archive, 3 * 32 * 32, "smoke"),  # the smoke profile itself
+    ("mnist", write_mnist_files, 28 * 28, "config"),  # the default profile shrunk by a YAML and the shortcuts
+])
+def test_a_likelihood_only_sweep_needs_no_inception_file_and_gets_bits_per_dim_right(dataset, writer, dims, profile, tmp_path, monkeypatch):
     data, out = tmp_path / "data", tmp_path / "out"
     data.mkdir()
     writer(data)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.cache/f2d2-bench/inception-2015-12-05.pt anywhere
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_IMAGES)
-    args = ["sweep", "--dataset", dataset, "--data-dir", str(data), "--config", str(config), "--out", str(out), *SMOKE]
+    shrink = ["--profile", "smoke", "--methods", "flow-matching,meanflow-f2d2"] if profile == "smoke" else ["--config", str(config)]
+    args = ["sweep", "--dataset", dataset, "--data-dir", str(data), *shrink, "--out", str(out), *SMOKE]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     frame = read_rows(str(out / dataset / "results.csv"))
