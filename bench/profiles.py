@@ -31,8 +31,14 @@ TOY_2D = SweepConfig(
 
 # Images on a 2-core CPU: a small UNet (channels 16) and few thousand steps; Hutchinson divergence for
 # the F2D2 training targets (the exact 64-dim trace made an F2D2 step ~40x slower) and for the
-# reference (2 fixed probes per point, standard error reported), exact-trace cost measured at
-# ~28 s per NFE on the 297 test digits against ~1 s for two probes.
+# reference (2 fixed probes per point, standard error reported, calibration floors beside it). The
+# exact trace is 64 VJPs per field call: measured on this CPU (flow-matching teacher, 8 digits,
+# dopri5 float32, next to a training job) 46 s at rtol 1e-5 (92 calls) and 68 s at 1e-6 (152 calls),
+# i.e. ~28 min per model for the 297 test digits and ~4 h for the nine methods, against about a
+# minute per model with two probes; `eval.reference_estimator: exact` (and `eval.rtol: 1e-6`, see
+# results/reference_accuracy) buys an unfloored calibration on a machine that can afford it. The
+# mass group's proposal must be exact (a Hutchinson log q biases the weights, bench/mass.py), so it
+# uses few samples here: 32 exact forward solves per model (~3 min), with the effective sample size.
 _F2D2_VARIANTS = ("shortcut-f2d2", "shortcut-distill-f2d2", "meanflow-f2d2", "lsd-f2d2")
 _HUTCHINSON_TRAINING = {"divergence": {"estimator": "hutchinson:1"}}
 
@@ -41,7 +47,7 @@ DIGITS = SweepConfig(
     teacher_train=TrainConfig(steps=3000, batch_size=128, lr=2e-3),
     train=TrainConfig(steps=3000, batch_size=128, lr=2e-3),
     eval=EvalConfig(
-        num_test=297, num_samples=1000, batch_size=500, num_repeats=3,
+        num_test=297, num_samples=1000, batch_size=500, num_repeats=3, num_mass=32,
         reference_estimator="hutchinson:2", naive_estimator="hutchinson:1",
     ),
     method_options={

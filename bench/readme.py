@@ -225,7 +225,8 @@ COMMANDS: dict[str, list[str]] = {
     ],
     "digits": ["f2d2-bench sweep --dataset digits --nfe 1,2,4,8 --out results"],
     "all-digits": [
-        "f2d2-bench sweep --dataset digits --nfe 1,2,4,8 --methods all --out results/all --cache-dir results/checkpoints",
+        "f2d2-bench sweep --dataset digits --nfe 1,2,4,8 --methods all --metrics nll,calibration,quality,timing "
+        "--out results/all --cache-dir results/checkpoints",
         "f2d2-bench table results/all/digits --layout paper --output results/all/digits/paper.md",
         "f2d2-bench table results/all/digits --layout paper --format latex --output results/all/digits/paper.tex",
     ],
@@ -235,8 +236,8 @@ COMMANDS: dict[str, list[str]] = {
         "f2d2-bench sweep --config results/when_to_stop/sweep_last.yaml --out results/when_to_stop/last --cache-dir results/checkpoints",
     ],
     "reference-accuracy": [
-        "f2d2-bench reference-accuracy --dataset digits --rtol 1e-5,1e-6,1e-7,1e-9 --estimator exact,hutchinson:2 "
-        "--cache-dir results/checkpoints --out results/reference_accuracy",
+        "f2d2-bench reference-accuracy --dataset digits --rtol 1e-4,1e-5,1e-6,1e-8 --estimator exact,hutchinson:2 "
+        "--num-test 16 --cache-dir results/checkpoints --out results/reference_accuracy",
     ],
     "plan": ["f2d2-bench plan --dataset cifar10 --profile paper --quiet --output results/plan/cifar10-paper.md"],
     "benchmarks": ["make bench"],
