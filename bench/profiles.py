@@ -32,13 +32,14 @@ TOY_2D = SweepConfig(
 # Images on a 2-core CPU: a small UNet (channels 16) and few thousand steps; Hutchinson divergence for
 # the F2D2 training targets (the exact 64-dim trace made an F2D2 step ~40x slower) and for the
 # reference (2 fixed probes per point, standard error reported, calibration floors beside it). The
-# exact trace is 64 VJPs per field call: measured on this CPU (flow-matching teacher, 8 digits,
-# dopri5 float32, next to a training job) 46 s at rtol 1e-5 (92 calls) and 68 s at 1e-6 (152 calls),
-# i.e. ~28 min per model for the 297 test digits and ~4 h for the nine methods, against about a
-# minute per model with two probes; `eval.reference_estimator: exact` (and `eval.rtol: 1e-6`, see
-# results/reference_accuracy) buys an unfloored calibration on a machine that can afford it. The
-# mass group's proposal must be exact (a Hutchinson log q biases the weights, bench/mass.py), so it
-# uses few samples here: 32 exact forward solves per model (~3 min), with the effective sample size.
+# exact trace is 64 VJPs per field call: `f2d2-bench reference-accuracy` (results/reference_accuracy)
+# measured 76-132 s for 16 digits at rtol 1e-6 / 1e-5 against 7-11 s with two probes (next to a
+# training job), i.e. ~20-40 min per model for the 297 test digits and 3-6 h for the nine methods on
+# this CPU, while rtol 1e-5 with the exact trace leaves at most 1.8e-4 bits/dim per image. So
+# `eval.reference_estimator: exact` at the default rtol buys an unfloored calibration on a machine
+# that can afford it. The mass group's proposal must be exact (a Hutchinson log q biases the weights,
+# bench/mass.py), so it uses few samples here: 32 exact forward solves per model, with their
+# effective sample size.
 _F2D2_VARIANTS = ("shortcut-f2d2", "shortcut-distill-f2d2", "meanflow-f2d2", "lsd-f2d2")
 _HUTCHINSON_TRAINING = {"divergence": {"estimator": "hutchinson:1"}}
 

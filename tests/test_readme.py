@@ -41,3 +41,25 @@ def test_check_fails_on_a_stale_section(tmp_path: Path):
     assert main(["--root", str(tmp_path)]) == 0
     assert main(["--check", "--root", str(tmp_path)]) == 0
     assert "stale" not in (tmp_path / "README.md").read_text()
+
+
+def test_the_main_job_writes_only_where_git_does_not_look():
+    # README's two commands in either order: `make sweep` must leave every tracked file alone, so
+    # the README check of `make test` still passes after it. The sweep's default output and cache
+    # are under DEFAULT_OUT, which .gitignore must ignore.
+    import inspect
+    import shutil
+    import subprocess
+
+    from bench.cli_core import DEFAULT_OUT
+    from bench.cli_run import sweep
+
+    defaults = {name: p.default for name, p in inspect.signature(sweep).parameters.items()}
+    out_default = getattr(defaults["out"], "default", defaults["out"])
+    assert Path(str(out_default)) == Path(DEFAULT_OUT)
+    assert not Path(DEFAULT_OUT).is_absolute() and Path(DEFAULT_OUT).parts[0] not in ("results", ".")
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in (f"{DEFAULT_OUT}/checkerboard/results.csv", f"{DEFAULT_OUT}/checkpoints/checkerboard/x/checkpoint.json"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
+        assert ignored.returncode == 0, f"{path} is not ignored by git"
