@@ -283,6 +283,14 @@ def _all_methods_block(
         "estimator would score against that reference):",
         calibration_table(frame),
     ]
+    parts += gap_and_mass_parts(frame)
+    parts += [*extra, f"The full wide table with timings: `{_rel(sweep_dir / 'results.md', root)}`."]
+    return _block(title, commands, parts)
+
+
+def gap_and_mass_parts(frame: pd.DataFrame) -> list[str]:
+    """The map/head split of every gap, and (images) the importance-sampled mass, where measured."""
+    unit, parts = unit_of(frame), []
     if frame["metric"].eq(f"nll_gap_map_{unit}").any():
         parts += [
             f"Where each gap comes from ({unit}): the few-step NLL minus the own exact NLL = the part due to where "
@@ -293,11 +301,11 @@ def _all_methods_block(
     if frame["metric"].eq("mass").any() and unit == "bpd":
         parts += [
             "Total mass of every few-step density (1 for a normalised density; importance sampling with the model's "
-            "exact-ODE density as proposal, value ± standard error, effective sample size in brackets):",
+            "exact-ODE density as proposal, value ± standard error, effective sample size in brackets; an ESS near 1 "
+            "means one sample carries the estimate: it then says only that the mass is far from 1, not how far):",
             mass_table(frame),
         ]
-    parts += [*extra, f"The full wide table with timings: `{_rel(sweep_dir / 'results.md', root)}`."]
-    return _block(title, commands, parts)
+    return parts
 
 
 def render(root: Path = ROOT) -> str:
@@ -337,7 +345,7 @@ def render(root: Path = ROOT) -> str:
         )
         blocks.append(_sweep_block(
             "Digits (8x8, scikit-learn)", COMMANDS["digits"], digits, root,
-            lambda frame: [f"Reference point for sample quality: {floor_text}." if floor_text else ""],
+            lambda frame: [f"Reference point for sample quality: {floor_text}." if floor_text else "", *gap_and_mass_parts(frame)],
         ))
 
     every_digits = results / "all" / "digits"

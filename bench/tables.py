@@ -92,6 +92,12 @@ def fmt(cell: Cell | None, digits: int = 3, stderr: bool = True) -> str:
         return "-"
     if not math.isfinite(cell.value):
         return "nan" if cell.flag == "nonfinite" or math.isnan(cell.value) else str(cell.value)
+    if digits > 0 and max(abs(cell.value), abs(cell.stderr) if math.isfinite(cell.stderr) else 0.0) >= 1e4:
+        # e.g. the importance-sampled mass of a far-from-normalised density: 4.33e+44, not 45 digits
+        text = f"{cell.value:.{digits - 1}e}"
+        if stderr and math.isfinite(cell.stderr) and cell.stderr > 0:
+            text += f" ± {cell.stderr:.{digits - 1}e}"
+        return text
     if digits > 0:
         text = f"{cell.value:.{digits}f}"
     else:  # ratios such as the speed-up: 3 significant digits below 100

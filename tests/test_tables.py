@@ -146,3 +146,12 @@ def test_a_row_label_ending_in_fwd_is_hidden_only_for_registered_forward_only_co
     rows += [(name, 1, "nll_gap_nats", 0.0, 0.01, "", "f2d2-trained") for name in ("meanflow-f2d2-fwd", "mine-fwd")]
     text = paper_table(frame(rows))
     assert "mine-fwd" in text and "meanflow-f2d2-fwd" not in text
+
+
+def test_huge_values_are_written_in_scientific_notation_not_as_dozens_of_digits():
+    from bench.tables import Cell, fmt
+
+    assert fmt(Cell(4.3328e44, 4.3328e44, None, "")) == "4.33e+44 ± 4.33e+44"
+    assert fmt(Cell(67250.431, 61793.1, None, "")) == "6.73e+04 ± 6.18e+04"
+    assert fmt(Cell(1.234, 0.01, None, "")) == "1.234 ± 0.010"  # ordinary values unchanged
+    assert fmt(Cell(1.5, float("nan"), None, "")) == "1.500"
