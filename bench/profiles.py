@@ -38,8 +38,8 @@ TOY_2D = SweepConfig(
 # this CPU, while rtol 1e-5 with the exact trace leaves at most 1.8e-4 bits/dim per image. So
 # `eval.reference_estimator: exact` at the default rtol buys an unfloored calibration on a machine
 # that can afford it. The mass group's proposal must be exact (a Hutchinson log q biases the weights,
-# bench/mass.py), so it uses few samples here: 32 exact forward solves per model, with their
-# effective sample size.
+# bench/mass.py), so it uses few samples here: 32 exact forward solves per model (about a minute
+# per model on this CPU), with their effective sample size.
 _F2D2_VARIANTS = ("shortcut-f2d2", "shortcut-distill-f2d2", "meanflow-f2d2", "lsd-f2d2")
 _HUTCHINSON_TRAINING = {"divergence": {"estimator": "hutchinson:1"}}
 

@@ -225,8 +225,7 @@ COMMANDS: dict[str, list[str]] = {
     ],
     "digits": ["f2d2-bench sweep --dataset digits --nfe 1,2,4,8 --out results"],
     "all-digits": [
-        "f2d2-bench sweep --dataset digits --nfe 1,2,4,8 --methods all --metrics nll,calibration,quality,timing "
-        "--out results/all --cache-dir results/checkpoints",
+        "f2d2-bench sweep --dataset digits --nfe 1,2,4,8 --methods all --out results/all --cache-dir results/checkpoints",
         "f2d2-bench table results/all/digits --layout paper --output results/all/digits/paper.md",
         "f2d2-bench table results/all/digits --layout paper --format latex --output results/all/digits/paper.tex",
     ],
