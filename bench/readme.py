@@ -315,7 +315,7 @@ def render(root: Path = ROOT) -> str:
     if (main / "results.csv").exists():
         blocks.append(_sweep_block(
             "Main job: checkerboard", COMMANDS["main"], main, root,
-            lambda frame: [density_table(main / "figures", root)],
+            lambda frame: [density_table(main / "figures", root), *gap_and_mass_parts(frame)],
         ))
 
     gauss = results / "8gaussians"
