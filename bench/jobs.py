@@ -166,6 +166,7 @@ def _write(job: Job, state: TrainState, complete: bool, generators: list[torch.T
         "best_value": state.best["value"] if state.best else None,
         "world_size": len(generators),
         "world_sizes": state.world_sizes,
+        "torch_threads": state.torch_threads,
     }
     if state.scaler is not None:
         meta["grad_scaler"] = state.scaler.state_dict()
@@ -193,6 +194,7 @@ def _restore(job: Job, state: TrainState) -> None:
     else:  # the saved streams belong to another split of the batch: start fresh, reproducible ones
         state.generator.manual_seed(stream_seed(job.train.seed, dist.rank(), state.step))
     state.world_sizes = meta.get("world_sizes", [{"from_step": 0, "world_size": 1}])
+    state.torch_threads = meta.get("torch_threads", [])  # not recorded before 2026-12
     state.history, state.running, state.wall_s = meta["history"], meta["running"], meta["train_wall_s"]
     state.validation = meta.get("validation", [])
     if state.scaler is not None and "grad_scaler" in meta:
@@ -227,6 +229,8 @@ def run_job(job: Job, device: str = "cpu", progress: Progress | None = None, thr
         _restore(job, state)
     if not state.world_sizes or state.world_sizes[-1]["world_size"] != dist.world_size():
         state.world_sizes.append({"from_step": state.step, "world_size": dist.world_size()})
+    if not state.torch_threads or state.torch_threads[-1]["threads"] != torch.get_num_threads():
+        state.torch_threads.append({"from_step": state.step, "threads": torch.get_num_threads()})
     report = (lambda step, log: progress(job.method, step, job.train.steps, log)) if progress else None
     scorer = None
     if job.train.validate_every:

@@ -375,6 +375,8 @@ def write_outputs(cfg: SweepConfig, outcome: SweepOutcome, jobs: list[Source], d
             "steps": meta["step"],
             "num_skipped": meta.get("num_skipped"),
             "train_wall_s": meta.get("train_wall_s"),
+            "world_sizes": meta.get("world_sizes"),
+            "torch_threads": meta.get("torch_threads"),
             "history": meta.get("history", []),
             "validation": meta.get("validation", []),
             "best_step": meta.get("best_step"),

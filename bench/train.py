@@ -69,6 +69,9 @@ class TrainState:
     validation: list[dict] = field(default_factory=list)
     best: dict | None = None  # {"step", "value", "state"}: the EMA weights selected by the criterion
     world_sizes: list[dict] = field(default_factory=list)  # [{"from_step", "world_size"}]: who trained when
+    # [{"from_step", "threads"}]: torch's intra-op threads per process; a convolutional network's
+    # reductions (so its trained weights) depend on them, so they are part of reproducing a checkpoint
+    torch_threads: list[dict] = field(default_factory=list)
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     num_sanitized: int = 0  # steps whose gradients had non-finite entries replaced (train.grad_nan_to_num)
     init: dict | None = None  # the warm start's record (bench/warmstart.py), None for a fresh start

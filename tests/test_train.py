@@ -106,6 +106,30 @@ def test_resumed_training_equals_uninterrupted(name, tmp_path):
     assert read_meta(full.directory)["history"] == read_meta(cut.directory)["history"]
 
 
+def test_the_checkpoint_records_the_thread_count_it_was_trained_with(tmp_path):
+    """A UNet's weights depend on torch's thread count (its reductions): the checkpoint says which,
+    segment by segment when a resume changes it, so a reader can reproduce it."""
+    from bench.jobs import _save
+
+    spec = get_method("flow-matching")
+    cfg = TrainConfig(steps=8, batch_size=32, warmup_steps=1, checkpoint_every=4)
+    job = Job("flow-matching", spec.config, SMALL, cfg, "checkerboard", None, 10.0, 2.31, None, str(tmp_path))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        method = spec.build()
+        torch.manual_seed(cfg.seed)
+        state = init_state(build_model(SMALL, (2,), method.capabilities, kappa=10.0, sigma_0=2.31), cfg)
+        state.torch_threads.append({"from_step": 0, "threads": 1})
+        train(state, method, Checkerboard().train_batch, cfg, until=4, on_checkpoint=lambda s: _save(job, s, False))
+        assert read_meta(job.directory)["torch_threads"] == [{"from_step": 0, "threads": 1}]
+        run_job(job, threads=2)  # resumed with another count: a second segment
+    finally:
+        torch.set_num_threads(before)
+    meta = read_meta(job.directory)
+    assert meta["complete"] and meta["torch_threads"] == [{"from_step": 0, "threads": 1}, {"from_step": 4, "threads": 2}]
+
+
 def test_validation_keeps_the_best_weights_by_the_criterion(tmp_path):
     spec = get_method("meanflow-f2d2")
     cfg = TrainConfig(steps=12, batch_size=64, warmup_steps=2, validate_every=3, num_validation=64, select="val_nll_gap")
