@@ -74,6 +74,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_capability() -> str | None:
+    """The instruction set torch's CPU kernels dispatch to ('AVX512', 'AVX2', 'DEFAULT', ...):
+    two CPUs under one model name (a cloud VM's 'AMD EPYC') may run different kernels, whose float
+    reductions differ in the last bits."""
+    getter = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    return getter() if getter is not None else None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -87,6 +95,7 @@ def environment(device: torch.device) -> dict:
         "device": str(device),
         "device_name": device_name(device),
         "cpu_model": cpu_model(),
+        "cpu_capability": cpu_capability(),
         "git_commit": git_commit(),
         "versions": {name: package_version(name) for name in PACKAGES},
     }

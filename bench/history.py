@@ -6,10 +6,12 @@ the dataset, where the results were written with the sha256 of their results.csv
 row. ``f2d2-bench history FILE`` shows a metric's trajectory per method and NFE over entries (and a
 trend figure, :mod:`bench.trend`); ``check NEW --history FILE`` takes its baseline from here.
 
-**Machine class** = (CPU model, torch version, accelerator), where the accelerator is 'cpu' or the
-CUDA device name. On CPU this is the rule of tests/test_regression.py (CPU model + torch version):
-on one machine class the CPU sweep is bit-for-bit reproducible (also across thread counts), so
-results of two classes are compared with the cross-machine tolerances (results/ci/rules.yaml).
+**Machine class** = (CPU model, the instruction set torch's CPU kernels use, torch version,
+accelerator), where the accelerator is 'cpu' or the CUDA device name. On CPU this is the rule of
+tests/test_regression.py: on one machine class the CPU sweep of the 2D MLP is bit-for-bit
+reproducible (also across thread counts), so results of two classes are compared with the
+cross-machine tolerances (results/ci/rules.yaml). A file written before the instruction set was
+recorded matches any (:func:`same_class`): the model name was all it said.
 
 Appends from concurrent jobs: each entry is one ``write`` of one line on a file opened with
 O_APPEND while holding an exclusive ``fcntl.flock`` on it (readers take a shared lock), so lines
@@ -44,11 +46,27 @@ def machine_class(env: dict) -> dict:
     versions = env.get("versions") or {}
     device = str(env.get("device", "cpu"))
     accelerator = "cpu" if device.startswith("cpu") else str(env.get("device_name", device))
-    return {"cpu_model": env.get("cpu_model"), "torch": versions.get("torch", env.get("torch")), "accelerator": accelerator}
+    return {
+        "cpu_model": env.get("cpu_model"), "cpu_capability": env.get("cpu_capability"),
+        "torch": versions.get("torch", env.get("torch")), "accelerator": accelerator,
+    }
+
+
+WILDCARDS = ("cpu_capability",)  # keys a file may lack (written before they were recorded)
+
+
+def same_class(a: dict, b: dict) -> bool:
+    """Two machine classes are one class: equal in every key, where a key of :data:`WILDCARDS`
+    that either side did not record (None) matches anything."""
+    return all(
+        a.get(key) == b.get(key) or (key in WILDCARDS and (a.get(key) is None or b.get(key) is None))
+        for key in set(a) | set(b)
+    )
 
 
 def class_text(cls: dict) -> str:
-    return f"{cls['cpu_model']} / torch {cls['torch']} / {cls['accelerator']}"
+    isa = f" ({cls['cpu_capability']})" if cls.get("cpu_capability") else ""
+    return f"{cls['cpu_model']}{isa} / torch {cls['torch']} / {cls['accelerator']}"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -93,7 +111,8 @@ def make_entry(out_dir: str | Path, config_hash: str, profile: str) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": env.get("git_commit"),
         "machine": {
-            "cpu_model": env.get("cpu_model"), "device": env.get("device"), "device_name": env.get("device_name"),
+            "cpu_model": env.get("cpu_model"), "cpu_capability": env.get("cpu_capability"),
+            "device": env.get("device"), "device_name": env.get("device_name"),
             "torch": (env.get("versions") or {}).get("torch"), "python": env.get("python"),
         },
         "profile": profile,
@@ -188,7 +207,7 @@ def baseline_entry(entries: list[dict], config_hash: str, machine: dict, own: tu
     skipped = 0
     for index in range(len(entries) - 1, -1, -1):
         entry = entries[index]
-        if entry.get("config_hash") != config_hash or machine_class(entry.get("machine", {})) != machine:
+        if entry.get("config_hash") != config_hash or not same_class(machine_class(entry.get("machine", {})), machine):
             continue
         if own is not None and is_entry_of(entry, *own):
             skipped += 1
@@ -206,8 +225,9 @@ def select_series(entries: list[dict], show_all: bool) -> list[int]:
     if show_all or not entries:
         return list(range(len(entries)))
     last = entries[-1]
-    key = (last.get("config_hash"), machine_class(last.get("machine", {})))
-    return [i for i, e in enumerate(entries) if (e.get("config_hash"), machine_class(e.get("machine", {}))) == key]
+    config, machine = last.get("config_hash"), machine_class(last.get("machine", {}))
+    return [i for i, e in enumerate(entries)
+            if e.get("config_hash") == config and same_class(machine_class(e.get("machine", {})), machine)]
 
 
 def trajectories(entries: list[dict], indices: list[int], metric: str | None, method: str | None, nfe: int | None) -> tuple[str, pd.DataFrame]:

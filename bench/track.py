@@ -72,7 +72,7 @@ def run_check(
     """Compare, print the differences, write the requested outputs; returns the number of rows
     that fail the check (exit status 1 if any)."""
     from bench.check import compare, failed, load_rules
-    from bench.history import class_text, machine_class, read_env
+    from bench.history import class_text, machine_class, read_env, same_class
     from bench.tables import read_rows
 
     if (baseline is None) == (history is None):
@@ -95,7 +95,7 @@ def run_check(
         if base.env is None:
             raise HistoryError(f"--cross-machine-rules needs env.json beside the baseline {base.label}")
         new_class, base_class = machine_class(read_env(new_path.parent)), machine_class(base.env)
-        use_cross = new_class != base_class
+        use_cross = not same_class(new_class, base_class)
         context |= {"new_machine_class": class_text(new_class), "baseline_machine_class": class_text(base_class),
                     "cross_machine_rules": str(cross_machine_rules) if use_cross else "not applied (same machine class)"}
     files = [str(rules) if rules else None, str(cross_machine_rules) if use_cross else None]

@@ -289,6 +289,11 @@ def test_cross_machine_rules_apply_only_across_machine_classes(tmp_path):
     assert check(other_cpu, "--baseline", CI, "--cross-machine-rules", rules).exit_code == 0
     assert check(other_torch, "--baseline", CI, "--cross-machine-rules", rules).exit_code == 0
     assert check(other_cpu, "--baseline", CI).exit_code == 1  # without the option: default rules
+    # the committed baseline predates the recorded instruction set: a new file's ISA matches it
+    isa = results_dir(tmp_path, "isa", shift, lambda env: env.update(cpu_capability="AVX2"))
+    assert check(isa, "--baseline", CI, "--cross-machine-rules", rules).exit_code == 1
+    isa_base = results_dir(tmp_path, "isa-base", None, lambda env: env.update(cpu_capability="AVX512"))
+    assert check(isa, "--baseline", isa_base, "--cross-machine-rules", rules).exit_code == 0  # AVX2 vs AVX512
 
     def far(rows):
         rows.loc[tightest_nll(rows), "value"] += 0.5 + 1e-6

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from bench.check import Rule
 from bench.cli import EXIT_USAGE, app
 from bench.history import (
-    HistoryError, append_entry, baseline_entry, config_hash_of, entry_frame, judge_steps, machine_class,
-    read_history, record, trajectories, trajectory_table,
+    HistoryError, append_entry, baseline_entry, class_text, config_hash_of, entry_frame, judge_steps, machine_class,
+    read_history, record, same_class, select_series, trajectories, trajectory_table,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,10 +128,28 @@ def test_machine_class_is_the_rule_of_test_regression():
     here = environment(torch.device("cpu"))  # what a sweep on this machine writes to env.json
     committed = json.loads((CI / "env.json").read_text())
     this_machine = committed | {"cpu_model": here["cpu_model"], "versions": here["versions"]}
-    assert module.same_machine_kind(this_machine) and machine_class(this_machine) == machine_class(here)
-    for edit in ({"cpu_model": "Other"}, {"versions": {**here["versions"], "torch": "0.0"}}, {"device": "cuda:0"}):
+    assert module.same_machine_kind(this_machine) and same_class(machine_class(this_machine), machine_class(here))
+    edits = [{"cpu_model": "Other"}, {"versions": {**here["versions"], "torch": "0.0"}}, {"device": "cuda:0"},
+             {"cpu_capability": "NOT-" + str(here["cpu_capability"])}]
+    for edit in edits:
         env = this_machine | edit
-        assert not module.same_machine_kind(env) and machine_class(env) != machine_class(here), edit
+        assert not module.same_machine_kind(env) and not same_class(machine_class(env), machine_class(here)), edit
+
+
+def test_the_cpu_instruction_set_splits_a_model_name_and_an_unrecorded_one_matches_any():
+    """Two VMs both called 'AMD EPYC' may run torch's AVX2 or AVX-512 kernels (last bits differ);
+    env.json files written before the instruction set was recorded still match by name."""
+    avx2, avx512, unknown = (machine_class(MACHINE | {"cpu_capability": c}) for c in ("AVX2", "AVX512", None))
+    assert same_class(avx2, avx2) and not same_class(avx2, avx512) and not same_class(avx512, avx2)
+    assert same_class(unknown, avx2) and same_class(avx512, unknown)
+    assert not same_class(unknown, machine_class(MACHINE | {"cpu_model": "CPU B"}))  # only the ISA is a wildcard
+    assert "CPU A (AVX2) / torch 2.0 / cpu" == class_text(avx2) and class_text(unknown) == "CPU A / torch 2.0 / cpu"
+    entries = [entry({("a", 1): 1.0}, commit="c1", machine=MACHINE | {"cpu_capability": "AVX2"}),
+               entry({("a", 1): 2.0}, commit="c2", machine=MACHINE | {"cpu_capability": "AVX512"}),
+               entry({("a", 1): 3.0}, commit="c3", machine=MACHINE)]  # an entry from before the field
+    assert baseline_entry(entries[:2], "h1", avx2)[0] == 0 and baseline_entry(entries[:2], "h1", avx512)[0] == 1
+    assert baseline_entry(entries, "h1", avx2)[0] == 2
+    assert select_series(entries[:2], show_all=False) == [1]
 
 
 def test_trajectory_judges_each_entry_against_the_previous_one_at_the_tolerance():

@@ -170,7 +170,8 @@ def test_tiny_sweep_logs_at_the_stated_cadence_and_records_its_history(tmp_path,
     assert bad == 0 and len(entries) == 1
     entry = entries[0]
     assert entry["config_hash"] == config_hash_of(out / "checkerboard") and entry["profile"] == "ci"
-    assert entry["machine"]["cpu_model"] == json.loads((out / "checkerboard" / "env.json").read_text())["cpu_model"]
+    env = json.loads((out / "checkerboard" / "env.json").read_text())
+    assert entry["machine"]["cpu_model"] == env["cpu_model"] and entry["machine"]["cpu_capability"] == env["cpu_capability"]
     recorded, written = entry_frame(entry), read_rows(str(out / "checkerboard" / "results.csv"))
     assert len(recorded) == len(written) and recorded["value"].equals(written["value"])
 

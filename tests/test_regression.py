@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from bench.check import compare, failed, load_rules
 from bench.cli import app
 from bench.env import cpu_model, environment, package_version
-from bench.history import machine_class
+from bench.history import machine_class, same_class
 from bench.tables import read_rows
 
 CI = Path(__file__).resolve().parent.parent / "results" / "ci"
@@ -26,10 +26,11 @@ BASELINE = CI / "checkerboard" / "results.csv"
 
 
 def same_machine_kind(env: dict) -> bool:
-    """The machine class of bench/history.py (CPU model, torch version as env.json records it, i.e.
-    without a local build suffix such as '+cu130', and the accelerator). Comparing torch.__version__
+    """The machine class of bench/history.py (CPU model, its kernels' instruction set where recorded,
+    torch version as env.json records it, i.e. without a local build suffix such as '+cu130', and
+    the accelerator). Comparing torch.__version__
     ('2.14.1+cu130') with the recorded '2.14.1' once made the loose cross-machine rules apply everywhere."""
-    return machine_class(env) == machine_class(environment(torch.device("cpu")))
+    return same_class(machine_class(env), machine_class(environment(torch.device("cpu"))))
 
 
 def test_ci_profile_matches_the_committed_baseline(tmp_path):
