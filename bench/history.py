@@ -11,7 +11,9 @@ accelerator), where the accelerator is 'cpu' or the CUDA device name. On CPU thi
 tests/test_regression.py: on one machine class the CPU sweep of the 2D MLP is bit-for-bit
 reproducible (also across thread counts), so results of two classes are compared with the
 cross-machine tolerances (results/ci/rules.yaml). A file written before the instruction set was
-recorded matches any (:func:`same_class`): the model name was all it said.
+recorded matches any (:func:`same_class`): the model name was all it said. The instruction set is
+ATen's dispatch level only; the BLAS and oneDNN libraries pick kernels by finer CPU features, so a
+class is the best this records, not a proof of bit-identity (the regression test measures it).
 
 Appends from concurrent jobs: each entry is one ``write`` of one line on a file opened with
 O_APPEND while holding an exclusive ``fcntl.flock`` on it (readers take a shared lock), so lines
@@ -221,13 +223,21 @@ def baseline_entry(entries: list[dict], config_hash: str, machine: dict, own: tu
 
 def select_series(entries: list[dict], show_all: bool) -> list[int]:
     """Indices of the entries a trajectory runs over: those with the last entry's config hash and
-    machine class (what ``check --history`` compares), or every entry."""
+    machine class (what ``check --history`` compares; one instruction set, see below), or every entry."""
     if show_all or not entries:
         return list(range(len(entries)))
     last = entries[-1]
     config, machine = last.get("config_hash"), machine_class(last.get("machine", {}))
-    return [i for i, e in enumerate(entries)
-            if e.get("config_hash") == config and same_class(machine_class(e.get("machine", {})), machine)]
+    candidates = [i for i, e in enumerate(entries)
+                  if e.get("config_hash") == config and same_class(machine_class(e.get("machine", {})), machine)]
+    # same_class is not transitive (AVX2 ~ unrecorded ~ AVX512): when the last entry did not record
+    # its instruction set, the series takes that of the newest entry that did, so it never mixes two
+    for i in reversed(candidates):
+        recorded = machine_class(entries[i].get("machine", {}))
+        if all(recorded.get(key) is not None for key in WILDCARDS):
+            machine = recorded
+            break
+    return [i for i in candidates if same_class(machine_class(entries[i].get("machine", {})), machine)]
 
 
 def trajectories(entries: list[dict], indices: list[int], metric: str | None, method: str | None, nfe: int | None) -> tuple[str, pd.DataFrame]:

@@ -194,7 +194,8 @@ def _restore(job: Job, state: TrainState) -> None:
     else:  # the saved streams belong to another split of the batch: start fresh, reproducible ones
         state.generator.manual_seed(stream_seed(job.train.seed, dist.rank(), state.step))
     state.world_sizes = meta.get("world_sizes", [{"from_step": 0, "world_size": 1}])
-    state.torch_threads = meta.get("torch_threads", [])  # not recorded before 2026-12
+    # not recorded before 2026-12: the steps trained so far ran with an unknown count
+    state.torch_threads = meta.get("torch_threads", [{"from_step": 0, "threads": None}])
     state.history, state.running, state.wall_s = meta["history"], meta["running"], meta["train_wall_s"]
     state.validation = meta.get("validation", [])
     if state.scaler is not None and "grad_scaler" in meta:

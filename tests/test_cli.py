@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from bench.cli import app
@@ -52,6 +54,13 @@ def test_sweep_writes_tidy_rows_for_every_method_and_nfe(tiny_sweep):
                 value(frame, method, k, metric)
     for name in ("results.md", "config.yaml", "env.json", "training.json"):
         assert (out / "checkerboard" / name).is_file()
+    training = json.loads((out / "checkerboard" / "training.json").read_text())
+    env = json.loads((out / "checkerboard" / "env.json").read_text())
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    for method in ("flow-matching", "meanflow", "meanflow-f2d2"):  # how each model was trained, for reproducing it
+        assert training[method]["world_sizes"] == [{"from_step": 0, "world_size": 1}]
+        (segment,) = training[method]["torch_threads"]
+        assert segment["from_step"] == 0 and segment["threads"] >= 1
 
 
 def test_sweep_numbers_are_consistent(tiny_sweep):

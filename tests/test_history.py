@@ -150,6 +150,10 @@ def test_the_cpu_instruction_set_splits_a_model_name_and_an_unrecorded_one_match
     assert baseline_entry(entries[:2], "h1", avx2)[0] == 0 and baseline_entry(entries[:2], "h1", avx512)[0] == 1
     assert baseline_entry(entries, "h1", avx2)[0] == 2
     assert select_series(entries[:2], show_all=False) == [1]
+    # the last entry did not record its ISA: the series follows the newest that did (AVX512), never both
+    assert select_series(entries + [entries[1], entries[2]], show_all=False) == [1, 2, 3, 4]
+    assert select_series([entries[2], entries[0], entries[1], entries[2]], show_all=False) == [0, 2, 3]
+    assert select_series([entries[2], entries[2]], show_all=False) == [0, 1]  # nobody recorded one
 
 
 def test_trajectory_judges_each_entry_against_the_previous_one_at_the_tolerance():

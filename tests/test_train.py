@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -128,6 +129,36 @@ def test_the_checkpoint_records_the_thread_count_it_was_trained_with(tmp_path):
         torch.set_num_threads(before)
     meta = read_meta(job.directory)
     assert meta["complete"] and meta["torch_threads"] == [{"from_step": 0, "threads": 1}, {"from_step": 4, "threads": 2}]
+
+    fresh = Job("flow-matching", spec.config, SMALL, cfg, "checkerboard", None, 10.0, 2.31, None, str(tmp_path / "fresh"))
+    try:
+        run_job(fresh, threads=1)  # a fresh run records its count from step 0
+    finally:
+        torch.set_num_threads(before)
+    assert read_meta(fresh.directory)["torch_threads"] == [{"from_step": 0, "threads": 1}]
+
+
+def test_a_checkpoint_from_before_the_thread_record_resumes_with_an_unknown_first_segment(tmp_path):
+    from bench.checkpoint import META
+    from bench.jobs import _save
+
+    spec = get_method("flow-matching")
+    cfg = TrainConfig(steps=8, batch_size=32, warmup_steps=1, checkpoint_every=4)
+    job = Job("flow-matching", spec.config, SMALL, cfg, "checkerboard", None, 10.0, 2.31, None, str(tmp_path))
+    method = spec.build()
+    torch.manual_seed(cfg.seed)
+    state = init_state(build_model(SMALL, (2,), method.capabilities, kappa=10.0, sigma_0=2.31), cfg)
+    train(state, method, Checkerboard().train_batch, cfg, until=4, on_checkpoint=lambda s: _save(job, s, False))
+    path = job.directory / META
+    meta = json.loads(path.read_text())
+    del meta["torch_threads"]  # as written before the field existed
+    path.write_text(json.dumps(meta))
+    before = torch.get_num_threads()
+    try:
+        run_job(job, threads=1)
+    finally:
+        torch.set_num_threads(before)
+    assert read_meta(job.directory)["torch_threads"] == [{"from_step": 0, "threads": None}, {"from_step": 4, "threads": 1}]
 
 
 def test_validation_keeps_the_best_weights_by_the_criterion(tmp_path):
