@@ -91,6 +91,7 @@ class Likelihood:
     mc_noise: Tensor | None = None  # (N,) one draw distributed as the Monte-Carlo error of ``nll`` (P > 1 probes)
 
 
+REFERENCE_STREAM = "reference"  # the reference's Hutchinson probes (bench/shards.py chunk_seed)
 WARMUP_POINTS = 8  # the reference's warm-up solve (imports, first-call allocations) is untimed
 
 
@@ -104,7 +105,8 @@ def reference(model: FlowMap, x: Tensor, cfg: EvalConfig, device: torch.device, 
     gen = torch.Generator(device=device)
 
     def solve(chunk: Tensor, c: int) -> LogProb:
-        gen.manual_seed(chunk_seed(cfg.seed, c))  # the batch's probes, whichever rank solves it
+        # the batch's probes, whichever rank solves it; a stream apart from the few-step estimate's
+        gen.manual_seed(chunk_seed(cfg.seed, c, REFERENCE_STREAM))
         return reference_log_prob(
             model.velocity, chunk, prior_log_prob=model.prior_log_prob, solver=solver, estimator=estimator, generator=gen
         )

@@ -11,7 +11,9 @@ in row order on every rank (:func:`bench.dist.gather_indexed`). So:
   its NFE count; the batch is the unit of sharding, never split;
 - random draws inside a batch (Hutchinson probes) come from a generator seeded by (seed, batch
   index) (:func:`chunk_seed`), never from a stream shared across batches, so they do not depend on
-  which rank computes the batch, nor on the order;
+  which rank computes the batch, nor on the order; the reference's probes come from a stream of
+  their own, independent of the few-step estimate's (shared probes correlate the two Monte-Carlo
+  errors, and a calibration against the reference then looks better than it is);
 - samples use per-sample seeds (bench/measure.py ``per_sample_noise``), so they are independent of
   batching altogether.
 
@@ -20,6 +22,7 @@ Every rank then holds every row and computes the same metrics from them; rank 0 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import torch
@@ -30,9 +33,14 @@ from bench import dist
 CHUNK_SEED_STRIDE = 7919  # batch c draws its probes from seed + c * stride; batch 0 from the seed itself
 
 
-def chunk_seed(seed: int, chunk: int) -> int:
-    """The generator seed of batch ``chunk`` (batch 0 keeps ``seed``, the one-batch behaviour)."""
-    return seed + CHUNK_SEED_STRIDE * chunk
+def chunk_seed(seed: int, chunk: int, stream: str = "") -> int:
+    """The generator seed of batch ``chunk`` (batch 0 keeps ``seed``, the one-batch behaviour).
+    A named ``stream`` is a separate family of seeds (a 63-bit hash of stream, seed and chunk), so
+    two consumers of one batch draw unrelated numbers."""
+    if not stream:
+        return seed + CHUNK_SEED_STRIDE * chunk
+    digest = hashlib.sha256(f"f2d2-bench/{stream}/{seed}/{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 Columns = tuple[Tensor | None, ...]

@@ -293,7 +293,7 @@ def _quality_floor(quality, dataset, num: int, seed: int) -> dict:
     note = f"{count} distinct test images" + (f" (fewer than the {num} samples: biased upwards)" if count < num else "")
     return {metric: {"value": v, "stderr": se, "estimator": f"{est}; {note}"} for metric, v, se, est in rows}
 
-EVAL_VERSION = 4  # bump when evaluation code changes numbers, so cached cells are recomputed
+EVAL_VERSION = 5  # bump when evaluation code changes numbers, so cached cells are recomputed
 
 
 def load_source(source: Source, cfg: SweepConfig, dataset, device: torch.device):
