@@ -37,7 +37,8 @@ TOY_2D = SweepConfig(
 # training job), i.e. ~20-40 min per model for the 297 test digits and 3-6 h for the nine methods on
 # this CPU, while rtol 1e-5 with the exact trace leaves at most 1.8e-4 bits/dim per image. So
 # `eval.reference_estimator: exact` at the default rtol buys an unfloored calibration on a machine
-# that can afford it. The mass group's proposal must be exact (a Hutchinson log q biases the weights,
+# that can afford it; the committed digits job does (results/digits.yaml); the profile stays
+# quick. The mass group's proposal must be exact (a Hutchinson log q biases the weights,
 # bench/mass.py), so it uses few samples here: 32 exact forward solves per model (about a minute
 # per model on this CPU), with their effective sample size.
 _F2D2_VARIANTS = ("shortcut-f2d2", "shortcut-distill-f2d2", "meanflow-f2d2", "lsd-f2d2")

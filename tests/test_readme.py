@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.readme import BEGIN, END, ROOT, main, render, splice
+import pandas as pd
+
+from bench.readme import BEGIN, END, ROOT, main, reference_phrase, render, splice
 
 
 def test_readme_results_section_matches_the_committed_results():
@@ -63,3 +65,20 @@ def test_the_main_job_writes_only_where_git_does_not_look():
     for path in (f"{DEFAULT_OUT}/checkerboard/results.csv", f"{DEFAULT_OUT}/checkpoints/checkerboard/x/checkpoint.json"):
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
         assert ignored.returncode == 0, f"{path} is not ignored by git"
+
+
+@pytest.mark.parametrize(
+    "estimators, phrase",
+    [
+        (["dopri5/exact"], "its own exact-trace reference"),
+        (["dopri5/hutchinson:2", "dopri5/hutchinson:2"], "its own 2-probe Hutchinson reference"),
+        (["euler:1024/gaussian:4"], "its own 4-probe Gaussian Hutchinson reference"),
+        ([], "its own reference"),
+        (["dopri5/exact", "dopri5/hutchinson:2"], "its own exact-trace / 2-probe Hutchinson reference"),
+    ],
+)
+def test_the_calibration_caption_names_the_reference_the_results_used(estimators, phrase):
+    """A caption typed by hand said "Hutchinson" after the digits job moved to the exact trace."""
+    rows = [{"metric": "nll_ref_bpd", "estimator": e} for e in estimators]
+    rows.append({"metric": "nll_bpd", "estimator": "naive/hutchinson:1"})  # not a reference: ignored
+    assert reference_phrase(pd.DataFrame(rows)) == phrase
