@@ -37,9 +37,13 @@ def chunk_seed(seed: int, chunk: int, stream: str = "") -> int:
     """The generator seed of batch ``chunk`` (batch 0 keeps ``seed``, the one-batch behaviour).
     A named ``stream`` is a separate family of seeds (a 63-bit hash of stream, seed and chunk), so
     two consumers of one batch draw unrelated numbers."""
-    if not stream:
-        return seed + CHUNK_SEED_STRIDE * chunk
-    digest = hashlib.sha256(f"f2d2-bench/{stream}/{seed}/{chunk}".encode()).digest()
+    return hashed_seed(stream, seed, chunk) if stream else seed + CHUNK_SEED_STRIDE * chunk
+
+
+def hashed_seed(*parts: object) -> int:
+    """A 63-bit seed from the sha256 of 'f2d2-bench/part/part/...': distinct parts give unrelated
+    streams (named evaluation streams here, training streams per rank in bench/train.py)."""
+    digest = hashlib.sha256("/".join(["f2d2-bench", *map(str, parts)]).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 

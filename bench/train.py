@@ -30,7 +30,6 @@ DDP's overlap of communication with the backward pass.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from bench import dist
 from bench.config import ConfigError, TrainConfig
 from bench.precision import autocast, compile_network, make_scaler, tf32_mode
 from bench.schedules import build_optimizer, ema_decay, learning_rate, sanitize_gradients
+from bench.shards import hashed_seed
 from f2d2.method import Method
 from f2d2.model import FlowMap
 
@@ -84,8 +84,7 @@ def stream_seed(seed: int, rank: int, step: int = 0) -> int:
     pairs hash to 63-bit seeds, so that ranks and restarts draw unrelated streams."""
     if rank == 0 and step == 0:
         return seed
-    digest = hashlib.sha256(f"f2d2-bench/train/{seed}/{rank}/{step}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return hashed_seed("train", seed, rank, step)
 
 
 def rank_batch_size(batch_size: int) -> int:

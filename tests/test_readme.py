@@ -74,6 +74,7 @@ def test_the_main_job_writes_only_where_git_does_not_look():
         (["dopri5/hutchinson:2", "dopri5/hutchinson:2"], "its own 2-probe Hutchinson reference"),
         (["euler:1024/gaussian:4"], "its own 4-probe Gaussian Hutchinson reference"),
         ([], "its own reference"),
+        (["dopri5/some-future-kind"], "its own some-future-kind reference"),  # unknown: named as written
         (["dopri5/exact", "dopri5/hutchinson:2"], "its own exact-trace / 2-probe Hutchinson reference"),
     ],
 )
